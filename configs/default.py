@@ -1,0 +1,73 @@
+"""Defaults shared by every config. Variants import this and override; any field can also be overridden
+on the command line (`--config.batch_size=512`).
+
+Public contract (do not rename): model, dataset, data_dir, num_epochs, batch_size, eval_batch_size,
+learning_rate, seed, checkpoint_every_steps.
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+
+  # Model (resnext_jax.models registry name; number of classes comes from the dataset).
+  c.model = "resnext50_32x4d"
+  c.conv_impl = "auto"            # grouped-convolution implementation, see resnext_jax.conv
+  c.block_form = "grouped"        # paper Fig. 3: 'grouped' (c), 'concat' (b), 'split_sum' (a)
+  c.zero_init_last_bn = False
+  c.half_precision = False        # bfloat16 compute, float32 params and BN statistics
+  c.model_overrides = ml_collections.ConfigDict()  # any other ResNeXt field, e.g. stage_sizes, planes
+
+  # Data (resnext_jax.input_pipeline).
+  c.dataset = "imagenet2012"      # imagenet2012 | cifar10 | cifar100 | sklearn_digits | imagefolder | synthetic
+  c.data_dir = None               # TFDS data_dir; for 'imagefolder' the root holding split/label/*.jpg
+  c.train_split = "train"
+  c.eval_split = "validation"
+  c.image_size = 224
+  c.crop_ratio = 0.875            # eval: resize shorter side to image_size / crop_ratio, center-crop
+  c.augment = "auto"              # auto (from dataset) | inception | cifar | none
+  c.shuffle_buffer_size = 16_384
+  c.cache = False
+  c.prefetch = 2
+  c.strict_decode = False         # imagefolder: raise on an undecodable file instead of skipping it
+  c.synthetic_num_classes = 1000  # synthetic mode only
+  c.synthetic_num_examples = 50_000
+
+  # Optimisation.
+  c.batch_size = 256              # global, across all devices and processes
+  c.eval_batch_size = 256
+  c.num_epochs = 100.0            # durations are in epochs or steps; resnext_jax.optim.durations converts
+  c.num_train_steps = -1          # > 0 overrides num_epochs
+  c.stop_after_steps = -1         # > 0: checkpoint and stop at this step (time-sliced jobs); schedule unchanged
+  c.learning_rate = 0.1           # peak learning rate for batch size lr_base_batch_size
+  c.lr_base_batch_size = 256      # lr = learning_rate * batch_size / lr_base_batch_size; 0 disables scaling
+  c.lr_schedule = "step"          # step | cosine
+  c.lr_step_epochs = (30, 60, 90)
+  c.lr_step_steps = ()            # non-empty overrides lr_step_epochs
+  c.lr_decay_factor = 0.1
+  c.warmup_epochs = 0.0
+  c.warmup_steps = -1             # >= 0 overrides warmup_epochs
+  c.momentum = 0.9
+  c.nesterov = False
+  c.weight_decay = 1e-4
+  c.weight_decay_bn_and_bias = True  # the paper decays every parameter
+  c.label_smoothing = 0.0
+  c.grad_accum_steps = 1          # split each batch into this many micro-batches (same update, less memory)
+  c.ema_decay = 0.0               # > 0 keeps and evaluates an EMA of the weights
+
+  # Bookkeeping.
+  c.seed = 0
+  c.log_every_steps = 100
+  c.eval_every_epochs = 1.0       # 0: evaluate only at the end
+  c.eval_every_steps = -1         # > 0 overrides eval_every_epochs
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+  c.eval_checkpoint_step = -1     # eval mode: -1 = latest
+  c.init_checkpoint = ""          # train: initial weights (fine-tuning); eval/predict: weights to use
+  c.profile = False               # capture a profiler trace into the workdir (process 0)
+  c.profile_first_step = 10
+  c.profile_num_steps = 5
+  c.top_k = 5                     # predict: classes printed per file
+  return c
