@@ -17,9 +17,9 @@ setup(
         "ml_collections>=1.0,<2",
         "clu>=0.0.12,<0.1",
         "numpy>=1.26,<3",
-        "pillow>=10,<13",
-        "safetensors>=0.4,<0.8",
-        "scikit-learn>=1.4,<1.9",
+        "pillow>=10,<14",
+        "safetensors>=0.4,<0.9",
+        "scikit-learn>=1.4,<2",
         "matplotlib>=3.8,<4",
     ],
     extras_require={
