@@ -1,0 +1,70 @@
+"""Trains, evaluates or predicts with ResNeXt; the logic lives in resnext_jax (train, evaluate, predict).
+
+  python main.py --config=configs/digits_resnext.py --workdir=/tmp/digits
+  python main.py --config=configs/imagenet_resnext50.py --workdir=DIR --config.batch_size=512
+  python main.py --config=configs/digits_resnext.py --workdir=/tmp/digits --mode=eval
+  python main.py --config=configs/digits_resnext.py --workdir=/tmp/digits --mode=predict --predict_files=a.png,b.png
+
+Several hosts: give --coordinator_address, --num_processes and --process_id (on a TPU pod or under SLURM, none
+of them: JAX detects the cluster).
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/digits_resnext.py", "Training configuration file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard summaries.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "train (evaluates as it goes), eval or predict.")
+flags.DEFINE_list("predict_files", [], "Image files for --mode=predict.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for several processes.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def _initialize_distributed():
+  """Joins the other processes: explicit flags, or JAX's cluster detection (TPU pod, SLURM, ...)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  else:
+    try:
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError):  # no cluster detected: a single process
+      pass
+  logging.info("Process %d of %d; %d local / %d global devices.", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+  from resnext_jax import checkpoint, evaluate, input_pipeline, optim, predict, train  # pylint: disable=g-import-not-at-top
+  user_errors = (optim.ConfigError, checkpoint.CheckpointError, input_pipeline.DataError, train.TrainingError)
+  try:
+    _initialize_distributed()
+    if FLAGS.mode == "train":
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "eval":
+      evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+    else:
+      if not FLAGS.predict_files:
+        raise optim.ConfigError("--mode=predict needs --predict_files=a.jpg,b.png")
+      failed = predict.predict(FLAGS.config, FLAGS.workdir, FLAGS.predict_files)
+      if failed:
+        print(f"error: {failed} of {len(FLAGS.predict_files)} files could not be predicted", file=sys.stderr)
+        sys.exit(1)
+  except user_errors as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.INFO)
+  app.run(main)

@@ -1,0 +1,102 @@
+"""Orbax checkpoints shared by training, evaluation, prediction, weight conversion and fine-tuning.
+
+Each step directory holds up to three items, so every consumer restores only what it needs:
+  'model': {'params', 'batch_stats'} (+ 'ema_params', 'ema_batch_stats' when an EMA is kept)
+  'train': the rest of the training state (step, optimizer state, RNG, ...); absent in converted weights
+  'meta':  JSON: at least 'model' (registry name) and 'num_classes'; training adds its config
+Restoring takes abstract targets (shapes, dtypes, shardings), so a checkpoint written on one device layout
+restores onto any other. Orbax writes each step to a temporary directory and renames it when complete, so
+an interrupted save never damages an earlier, good checkpoint.
+"""
+
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+ITEMS = ("model", "train", "meta")
+CHECKPOINT_SUBDIR = "checkpoints"  # under a training workdir, beside the TensorBoard event files
+
+
+class CheckpointError(Exception):
+  """A checkpoint directory that is missing, empty or unreadable; the message names the path."""
+
+
+def create_manager(directory, *, max_to_keep=None, async_save=True, read_only=False):
+  """A CheckpointManager over `directory` (absolute path; created unless read_only)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                         create=not read_only, read_only=read_only)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+
+
+def save(manager, step, *, model, meta, train=None, force=True):
+  """Saves one step (asynchronously if the manager is). Every process must call this."""
+  items = dict(model=ocp.args.StandardSave(model), meta=ocp.args.JsonSave(meta))
+  if train is not None:
+    items["train"] = ocp.args.StandardSave(train)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def checkpoint_directory(workdir) -> str:
+  """Where a workdir's checkpoints are: WORKDIR/checkpoints (training), or WORKDIR itself when it is a
+  checkpoint root (converted weights: WORKDIR/0/...)."""
+  workdir = os.path.abspath(workdir)
+  nested = os.path.join(workdir, CHECKPOINT_SUBDIR)
+  if os.path.isdir(nested) or not _has_step_dirs(workdir):
+    return nested
+  return workdir
+
+
+def has_checkpoint(directory) -> bool:
+  """Whether `directory` holds at least one finished step (without raising on a missing directory)."""
+  return _has_step_dirs(directory)
+
+
+def _has_step_dirs(directory) -> bool:
+  return os.path.isdir(directory) and any(name.isdigit() and os.path.isdir(os.path.join(directory, name))
+                                          for name in os.listdir(directory))
+
+
+def _open(directory):
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"checkpoint directory {directory} does not exist")
+  manager = create_manager(directory, read_only=True, async_save=False)
+  if manager.latest_step() is None:
+    raise CheckpointError(f"no checkpoint found in {directory}")
+  return manager
+
+
+def _step(manager, directory, step):
+  if step is None or step < 0:
+    return manager.latest_step()
+  if step not in manager.all_steps():
+    raise CheckpointError(f"no checkpoint for step {step} in {directory}; available: {manager.all_steps()}")
+  return step
+
+
+def load_meta(directory, step=None):
+  """Returns (step, meta dict) of the latest (or given) checkpoint in `directory`."""
+  manager = _open(directory)
+  step = _step(manager, directory, step)
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # Orbax raises many types for a damaged directory; name the path instead.
+    raise CheckpointError(f"checkpoint {directory} step {step} is damaged or unreadable (meta): {e}") from e
+  return step, dict(meta)
+
+
+def restore(directory, *, model_target, train_target=None, step=None) -> dict[str, Any]:
+  """Restores 'model' (and 'train' if a target is given) onto the targets' shardings.
+
+  Returns {'step', 'model', 'train' (or None), 'meta'}.
+  """
+  step, meta = load_meta(directory, step)
+  manager = _open(directory)
+  items = dict(model=ocp.args.StandardRestore(model_target))
+  if train_target is not None:
+    items["train"] = ocp.args.StandardRestore(train_target)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:
+    raise CheckpointError(f"checkpoint {directory} step {step} could not be restored: {e}") from e
+  return dict(step=step, model=restored["model"], train=restored.get("train"), meta=meta)

@@ -1,0 +1,93 @@
+"""--mode=predict: top-k classes of image files from a training or converted (torchvision) checkpoint.
+
+Prints one JSON line per file, in the order given: {"file", "top_k": [{"label", "name", "prob"}, ...]}, or
+{"file", "error"} for a file that is missing or not an image; the others are still predicted.
+"""
+
+import json
+import math
+
+from absl import logging
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+
+from resnext_jax import evaluate
+from resnext_jax import input_pipeline
+from resnext_jax.imagenet_classes import IMAGENET_CLASSES
+
+
+def class_names(meta: dict, config) -> tuple[str, ...]:
+  """Human-readable names: ImageNet's for ImageNet models, else the dataset's (stored in the checkpoint)."""
+  n = int(meta["num_classes"])
+  if n == len(IMAGENET_CLASSES) and meta.get("dataset", "imagenet2012") == "imagenet2012":
+    return IMAGENET_CLASSES  # TFDS only knows the WordNet ids
+  names = meta.get("class_names")
+  if names and len(names) == n:
+    return tuple(names)
+  try:
+    info = input_pipeline.get_dataset_info(config)
+    if info.num_classes == n:
+      return info.class_names
+  except input_pipeline.DataError:
+    pass
+  return tuple(str(i) for i in range(n))
+
+
+def _load_images(files, config):
+  """(list of preprocessed images or None, list of error strings or None), one entry per file."""
+  images, errors = [], []
+  for path in files:
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+      images.append(input_pipeline.preprocess_eval_image(data, config))
+      errors.append(None)
+    except (OSError, ValueError) as e:
+      images.append(None)
+      errors.append(f"{type(e).__name__}: {e}")
+  return images, errors
+
+
+def predict(config, workdir, files, *, mesh=None) -> int:
+  """Prints a JSON line per file (process 0); returns the number of files that could not be predicted."""
+  mesh = mesh if mesh is not None else evaluate.make_mesh()
+  image_shape = (config.image_size, config.image_size, 3)
+  step = config.eval_checkpoint_step if config.eval_checkpoint_step >= 0 else None
+  model, variables, step, meta = evaluate.load_variables(config, workdir, mesh, image_shape, step)
+  names = class_names(meta, config)
+  images, errors = _load_images(files, config)
+  probs = _probabilities(model, {k: variables[k] for k in ("params", "batch_stats")},
+                         [im for im in images if im is not None], config, mesh)
+  k = min(config.top_k, int(meta["num_classes"]))
+  it = iter(probs)
+  for path, image, error in zip(files, images, errors):
+    if image is None:
+      line = {"file": path, "error": error}
+    else:
+      p = next(it)
+      top = np.argsort(-p, kind="stable")[:k]
+      line = {"file": path, "top_k": [{"label": int(i), "name": names[i], "prob": float(p[i])} for i in top]}
+    if jax.process_index() == 0:
+      print(json.dumps(line), flush=True)
+  failed = sum(e is not None for e in errors)
+  logging.info("Predicted %d files with checkpoint step %d; %d failed.", len(files) - failed, step, failed)
+  return failed
+
+
+def _probabilities(model, variables, images, config, mesh) -> np.ndarray:
+  """Softmax outputs for a list of (H, W, 3) images, in batches padded to a multiple of the device count."""
+  if not images:
+    return np.zeros((0, 0), np.float32)
+  devices = mesh.devices.size
+  batch = max(devices, config.eval_batch_size // devices * devices)
+  sharding = NamedSharding(mesh, P("data"))
+  fn = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False)), out_shardings=evaluate.replicated(mesh))
+  stacked, out = np.stack(images).astype(np.float32), []
+  for start in range(0, len(stacked), batch):
+    chunk = stacked[start:start + batch]
+    padded_len = math.ceil(len(chunk) / devices) * devices
+    chunk = np.concatenate([chunk, np.zeros((padded_len - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+    x = jax.make_array_from_callback(chunk.shape, sharding, lambda idx, c=chunk: c[idx])
+    out.append(evaluate.to_host(fn(variables, x))[:len(stacked[start:start + batch])])
+  return np.concatenate(out)

@@ -1,0 +1,377 @@
+"""Training loop: sharded jit over a 'data' mesh of every device of every process, Orbax, clu.
+
+The state is created already sharded (`jax.eval_shape`, then `jax.jit(init, out_shardings=...)`) and donated to
+each step. With the batch sharded over the mesh and the parameters replicated, XLA inserts the gradient all-reduce
+and BatchNorm's batch statistics are global (synchronised BN) without pmap or pmean. A run restarted on the same
+workdir resumes from the latest checkpoint (step, optimizer, BN statistics, EMA, RNG; the input pipeline starts at
+that step) and ends exactly as an uninterrupted run would.
+"""
+
+import contextlib
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import flax
+from flax import traverse_util
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from resnext_jax import checkpoint
+from resnext_jax import evaluate
+from resnext_jax import input_pipeline
+from resnext_jax import optim
+from resnext_jax.optim import ConfigError
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (non-finite loss); the message names the step and the last good checkpoint."""
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  ema_params: Any        # None without EMA
+  ema_batch_stats: Any
+  rng: jax.Array         # raw key data (uint32), so that Orbax stores it as a plain array
+
+  def model_item(self) -> dict:
+    """The checkpoint's 'model' item (what eval, predict and fine-tuning read)."""
+    item = {"params": self.params, "batch_stats": self.batch_stats}
+    if self.ema_params is not None:
+      item.update(ema_params=self.ema_params, ema_batch_stats=self.ema_batch_stats)
+    return item
+
+  def train_item(self) -> dict:
+    return {"step": self.step, "opt_state": self.opt_state, "rng": self.rng}
+
+  def with_items(self, model: dict, train: dict) -> "TrainState":
+    return self.replace(params=model["params"], batch_stats=model["batch_stats"],
+                        ema_params=model.get("ema_params"), ema_batch_stats=model.get("ema_batch_stats"),
+                        step=train["step"], opt_state=train["opt_state"], rng=train["rng"])
+
+
+# --- State and step (importable: the benchmark reuses them). ---
+
+
+def create_train_state(config, model, tx, mesh, image_shape, rng=None):
+  """Returns (state, state_sharding): initialised directly onto the mesh (params replicated)."""
+  rng = jax.random.key(config.seed) if rng is None else rng
+
+  def init(rng):
+    init_rng, train_rng = jax.random.split(rng)
+    variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    ema = config.ema_decay > 0
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), ema_params=params if ema else None,
+                      ema_batch_stats=batch_stats if ema else None, rng=jax.random.key_data(train_rng))
+
+  abstract = jax.eval_shape(init, rng)
+  sharding = jax.tree.map(lambda _: evaluate.replicated(mesh), abstract)
+  return jax.jit(init, out_shardings=sharding)(rng), sharding
+
+
+def accumulate_gradients(grad_fn, params, aux, batch, num_micro: int):
+  """Mean of grad_fn over `num_micro` equal micro-batches (gradient accumulation inside one step).
+
+  grad_fn(params, aux, micro) -> ((loss, (aux, correct)), grads); aux (BN statistics) is threaded through the
+  micro-batches in order. Micro-batch i takes examples i, i + k, ... so each device keeps its own shard.
+  Returns (grads, mean loss, aux, accuracy).
+  """
+  if num_micro == 1:
+    (loss, (aux, correct)), grads = grad_fn(params, aux, batch)
+    return grads, loss, aux, correct.mean()
+  micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1),
+                       batch)
+
+  def body(carry, mb):
+    grads_sum, aux, loss_sum, correct_sum = carry
+    (loss, (aux, correct)), grads = grad_fn(params, aux, mb)
+    grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+    return (grads_sum, aux, loss_sum + loss, correct_sum + correct.mean()), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (grads, aux, loss, correct), _ = jax.lax.scan(body, (zeros, aux, 0.0, 0.0), micro)
+  return jax.tree.map(lambda g: g / num_micro, grads), loss / num_micro, aux, correct / num_micro
+
+
+def train_step(state: TrainState, batch, *, model, tx, schedule, label_smoothing=0.0, grad_accum_steps=1,
+               ema_decay=0.0):
+  """One SGD update on a global batch; returns (new state, replicated scalar metrics)."""
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+  def loss_fn(params, batch_stats, micro):
+    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, micro["image"], train=True,
+                                  mutable=["batch_stats"], rngs={"dropout": rng})
+    loss = optim.cross_entropy(logits, micro["label"], logits.shape[-1], label_smoothing).mean()
+    return loss, (updates["batch_stats"], jnp.argmax(logits, -1) == micro["label"])
+
+  grads, loss, batch_stats, accuracy = accumulate_gradients(
+      jax.value_and_grad(loss_fn, has_aux=True), state.params, state.batch_stats, batch, grad_accum_steps)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+  if ema_decay > 0:
+    new = new.replace(ema_params=optim.ema_update(state.ema_params, params, ema_decay),
+                      ema_batch_stats=optim.ema_update(state.ema_batch_stats, batch_stats, ema_decay))
+  metrics = {"loss": loss, "accuracy": accuracy, "learning_rate": schedule(state.step),
+             "grad_norm": optax.global_norm(grads)}
+  return new, metrics
+
+
+def compile_train_step(config, model, tx, schedule, mesh, state_sharding):
+  """train_step jitted with the state donated, batch sharded on 'data' and metrics replicated."""
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                           label_smoothing=config.label_smoothing, grad_accum_steps=config.grad_accum_steps,
+                           ema_decay=config.ema_decay)
+  return jax.jit(step, in_shardings=(state_sharding, NamedSharding(mesh, P("data"))),
+                 out_shardings=(state_sharding, evaluate.replicated(mesh)), donate_argnums=0)
+
+
+# --- Checkpoint plumbing. ---
+
+
+def training_meta(config, info) -> dict:
+  """The checkpoint's 'meta' item: what eval/predict need to rebuild the model without the config."""
+  overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in evaluate.model_overrides(config).items()}
+  return {"model": config.model, "num_classes": info.num_classes, "model_overrides": overrides,
+          "ema": config.ema_decay > 0, "dataset": config.dataset, "image_size": config.image_size,
+          "class_names": list(info.class_names), "config": json.loads(config.to_json_best_effort())}
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _restore_or_initialize(config, state, state_sharding, ckpt_dir, model, mesh, image_shape):
+  """Resumes from the workdir's latest checkpoint, else starts from config.init_checkpoint, else fresh."""
+  if checkpoint.has_checkpoint(ckpt_dir):
+    abstract = _abstract(state)
+    restored = checkpoint.restore(ckpt_dir, model_target=abstract.model_item(),
+                                  train_target=abstract.train_item())
+    logging.info("Resuming from %s at step %d.", ckpt_dir, restored["step"])
+    return state.with_items(restored["model"], restored["train"])
+  if config.init_checkpoint:
+    return _initialize_from(config, state, state_sharding, mesh, image_shape)
+  return state
+
+
+def _initialize_from(config, state, state_sharding, mesh, image_shape):
+  """Fine-tuning: copies every checkpoint parameter whose name and shape match (a new head stays fresh)."""
+  directory = checkpoint.checkpoint_directory(config.init_checkpoint)
+  _, variables, step, _ = evaluate.load_variables(config, config.init_checkpoint, mesh, image_shape)
+  skipped = []
+
+  def merge(fresh, loaded):
+    flat_loaded = traverse_util.flatten_dict(loaded)
+    out = {}
+    for path, value in traverse_util.flatten_dict(fresh).items():
+      old = flat_loaded.get(path)
+      if old is not None and old.shape == value.shape:
+        out[path] = old.astype(value.dtype)
+      else:
+        out[path] = value
+        skipped.append("/".join(path))
+    return traverse_util.unflatten_dict(out)
+
+  params = merge(state.params, variables["params"])
+  batch_stats = merge(state.batch_stats, variables["batch_stats"])
+  state = state.replace(params=params, batch_stats=batch_stats)
+  if state.ema_params is not None:
+    state = state.replace(ema_params=params, ema_batch_stats=batch_stats)
+  logging.info("Initialised from %s step %d; kept fresh (name or shape differs): %s", directory, step,
+               ", ".join(skipped) or "nothing")
+  return jax.device_put(state, state_sharding)
+
+
+# --- Preemption. ---
+
+
+@contextlib.contextmanager
+def _preemption_watch():
+  """Yields should_stop(step): True once SIGTERM arrived (on several processes, at a step all agree on)."""
+  if jax.process_count() > 1:
+    # jax.distributed's preemption service owns SIGTERM and picks a common step for every process.
+    yield multihost_utils.reached_preemption_sync_point
+    return
+  received = []
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+  try:
+    yield lambda step: bool(received)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+# --- The loop. ---
+
+
+class _TrainMetrics:
+  """Host-side running means of the step metrics, filled one step late so the device never waits."""
+
+  def __init__(self):
+    self.sums, self.count, self.pending = {}, 0, None
+
+  def add(self, step, metrics):
+    if self.pending is not None:
+      self._consume(*self.pending)
+    self.pending = (step, metrics)
+
+  def flush(self):
+    if self.pending is not None:
+      self._consume(*self.pending)
+      self.pending = None
+
+  def _consume(self, step, metrics):
+    values = evaluate.to_host(metrics)
+    if not np.isfinite(values["loss"]):
+      raise _NonFinite(step, float(values["loss"]))
+    for k, v in values.items():
+      self.sums[k] = self.sums.get(k, 0.0) + float(v)
+    self.count += 1
+
+  def summary(self):
+    out = {("train_" + k if k in ("loss", "accuracy") else k): v / self.count for k, v in self.sums.items()}
+    self.sums, self.count = {}, 0
+    return out
+
+
+class _NonFinite(Exception):
+
+  def __init__(self, step, value):
+    super().__init__(step, value)
+    self.step, self.value = step, value
+
+
+def check_config(config, mesh) -> None:
+  """User errors that would otherwise surface deep inside XLA or Orbax."""
+  if config.grad_accum_steps < 1:
+    raise ConfigError(f"config.grad_accum_steps must be >= 1, got {config.grad_accum_steps}")
+  evaluate.check_batch_size("batch_size", config.batch_size, mesh, config.grad_accum_steps)
+  evaluate.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
+  if config.checkpoint_every_steps <= 0 or config.log_every_steps <= 0:
+    raise ConfigError("config.checkpoint_every_steps and config.log_every_steps must be positive")
+  if not 0 <= config.ema_decay < 1:
+    raise ConfigError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
+
+
+def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict | None:
+  """Trains (resuming if the workdir has a checkpoint), evaluating as it goes; prints the final eval as JSON.
+
+  Returns the final eval metrics, or None when the run stopped early (preemption, config.stop_after_steps).
+  """
+  mesh = mesh if mesh is not None else evaluate.make_mesh()
+  check_config(config, mesh)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  info = input_pipeline.get_dataset_info(config)
+  d = optim.durations(config, info.num_train_examples)
+  model = evaluate.build_model(config, info.num_classes)
+  schedule = optim.learning_rate_schedule(config, d)
+  tx = optim.create_optimizer(config, schedule)
+  state, state_sharding = create_train_state(config, model, tx, mesh, info.image_shape)
+  ckpt_dir = checkpoint.checkpoint_directory(workdir)
+  state = _restore_or_initialize(config, state, state_sharding, ckpt_dir, model, mesh, info.image_shape)
+  logging.info("Training %s on %s: %d steps (%d per epoch), batch %d on %d devices / %d processes.",
+               config.model, config.dataset, d.num_train_steps, d.steps_per_epoch, config.batch_size,
+               mesh.devices.size, jax.process_count())
+
+  manager = checkpoint.create_manager(ckpt_dir, max_to_keep=config.keep_checkpoints,
+                                      async_save=config.async_checkpointing)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  meta = training_meta(config, info)
+  try:
+    return _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, manager, ckpt_dir, writer,
+                 meta)
+  finally:
+    manager.wait_until_finished()  # an async save in flight is a good checkpoint: let it land
+    manager.close()
+    writer.close()
+
+
+def _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, manager, ckpt_dir, writer, meta):
+  step = int(evaluate.to_host(state.step))
+  p_train_step = compile_train_step(config, model, tx, schedule, mesh, state_sharding)
+  p_eval_step = evaluate.compile_eval_step(model, mesh)
+  report = periodic_actions.ReportProgress(num_train_steps=d.num_train_steps, writer=writer,
+                                           every_steps=config.log_every_steps, every_secs=None)
+  hooks = [report]
+  if config.profile and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_num_steps,
+                                          first_profile=config.profile_first_step))
+  metrics = _TrainMetrics()
+  result, last_eval_step = None, -1
+
+  def save():
+    checkpoint.save(manager, step, model=state.model_item(), train=state.train_item(), meta=meta)
+
+  def run_eval():
+    nonlocal result, last_eval_step
+    with report.timed("eval"):
+      result = evaluate.evaluate_all(p_eval_step, _eval_variables(state), config, mesh)
+    evaluate.write_eval_metrics(writer, step, result)
+    last_eval_step = step
+
+  train_iter = input_pipeline.create_train_iterator(config, mesh, start_step=step)
+  t0, t0_step = time.monotonic(), step
+  with _preemption_watch() as should_stop:
+    try:
+      while step < d.stop_after_steps:
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, step_metrics = p_train_step(state, next(train_iter))
+        step += 1
+        metrics.add(step, step_metrics)
+        for hook in hooks:
+          hook(step)
+        preempted = should_stop(step)
+        is_last = step == d.stop_after_steps
+        log_now = step % config.log_every_steps == 0 or is_last
+        eval_now = (d.eval_every_steps and step % d.eval_every_steps == 0) or step == d.num_train_steps
+        save_now = step % config.checkpoint_every_steps == 0 or is_last or preempted
+        if log_now or eval_now or save_now:
+          metrics.flush()  # raises on a non-finite loss before anything is written or saved
+        if log_now:
+          elapsed = time.monotonic() - t0
+          summary = metrics.summary()
+          summary["images_per_sec"] = (step - t0_step) * config.batch_size / max(elapsed, 1e-9)
+          writer.write_scalars(step, summary)
+          t0, t0_step = time.monotonic(), step
+        if eval_now:
+          run_eval()
+        if save_now:
+          save()
+        if preempted:
+          logging.warning("Preemption signal: saved a checkpoint at step %d in %s; exiting.", step, ckpt_dir)
+          return None
+    except _NonFinite as e:
+      manager.wait_until_finished()
+      good = manager.latest_step()
+      kept = f"the last good checkpoint is step {good} in {ckpt_dir}" if good is not None else "no checkpoint saved"
+      raise TrainingError(f"loss became {e.value} at step {e.step}; training stopped ({kept})") from None
+
+  if step < d.num_train_steps:  # time-sliced run (stop_after_steps): the next run resumes here
+    logging.info("Stopped at step %d of %d (config.stop_after_steps).", step, d.num_train_steps)
+    return None
+  if last_eval_step != step:  # resumed at the end, or the final eval already ran in the loop
+    run_eval()
+  print(evaluate.result_line(step, result), flush=True)
+  return {"step": step, **result}
+
+
+def _eval_variables(state: TrainState) -> dict:
+  out = {"params": state.params, "batch_stats": state.batch_stats}
+  if state.ema_params is not None:
+    out["ema"] = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
+  return out
