@@ -170,7 +170,7 @@ def convert_file(arch, weights, output):
     raise ConversionError(f"{weights} has no 'fc.weight': not a torchvision classifier state dict")
   num_classes = int(state_dict["fc.weight"].shape[0])
   model = models.create_model(arch, num_classes=num_classes)
-  size = 32 if model.stem == "cifar" else 224
+  size = models.native_image_size(model)
   target = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
   variables = torchvision_to_flax(state_dict, target=target, dtype=np.float32)
   manager = checkpoint.create_manager(output, async_save=False)

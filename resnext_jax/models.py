@@ -200,6 +200,11 @@ _MODELS = {
 _FIELDS = tuple(f.name for f in dataclasses.fields(ResNeXt) if f.name not in ("parent", "name"))
 
 
+def native_image_size(model):
+  """The input size a model was designed for: 32 for the CIFAR stem, 224 for ImageNet."""
+  return 32 if model.stem == "cifar" else 224
+
+
 def list_models():
   """Names accepted by create_model, sorted."""
   return sorted(_MODELS)

@@ -17,13 +17,9 @@ import jax.numpy as jnp
 from resnext_jax import models
 
 
-def native_image_size(model):
-  return 32 if model.stem == "cifar" else 224
-
-
 def count(model, image_size=None):
   """Returns {'params': int, 'macs': int} for one image of image_size x image_size x 3."""
-  size = image_size or native_image_size(model)
+  size = image_size or models.native_image_size(model)
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), train=False))
   macs = []
@@ -50,7 +46,7 @@ def main(argv=None):
   print(f"{'model':<20} {'size':>5} {'params':>14} {'GMACs':>8}")
   for name in names:
     model = models.create_model(name)
-    size = args.image_size or native_image_size(model)
+    size = args.image_size or models.native_image_size(model)
     c = count(model, size)
     print(f"{name:<20} {size:>5} {c['params']:>14,d} {c['macs'] / 1e9:>8.3f}")
 
