@@ -3,4 +3,6 @@
 Importing this package registers the builders with TFDS (`tfds.builder("sklearn_digits")` then works).
 """
 
+from resnext_jax.datasets.errors import DataError
+from resnext_jax.datasets.image_folder import LocalImageFolder
 from resnext_jax.datasets.sklearn_digits import SklearnDigits

@@ -55,10 +55,3 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     for i in indices:
       yield int(i), {"image": upscale(images[i]), "label": int(labels[i]), "index": int(i)}
 
-
-def load_builder(data_dir: str | None) -> SklearnDigits:
-  """The builder, prepared into data_dir (TFDS's default when None) on first use; takes a few seconds."""
-  builder = SklearnDigits(data_dir=data_dir)
-  if not builder.is_prepared():
-    builder.download_and_prepare()
-  return builder

@@ -1,0 +1,46 @@
+"""Two real JAX processes (jax.distributed on CPU, 2 fake devices each) reading the digits together."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+from test_input_pipeline import NUM_TEST, REPO, data_dir  # pylint: disable=unused-import (data_dir is a fixture)
+
+_PROCESS = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[3]))
+    from jax.sharding import Mesh
+    from configs import default
+    from resnext_jax import input_pipeline
+    config = default.get_config()
+    config.update(dataset="sklearn_digits", data_dir=sys.argv[1], image_size=32, batch_size=32,
+                  eval_batch_size=36, shuffle_buffer_size=2048)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    assert jax.process_count() == 2 and mesh.devices.size == 4
+    local = lambda x: np.concatenate([np.asarray(s.data) for s in x.addressable_shards])
+    batch = next(input_pipeline.create_train_iterator(config, mesh))
+    assert batch["image"].shape == (32, 32, 32, 3) and local(batch["image"]).shape == (16, 32, 32, 3)
+    batches = list(input_pipeline.create_eval_iterator(config, mesh))
+    masked = [int(local(b["mask"]).sum()) for b in batches]
+    print("RESULT", len(batches), sum(masked), flush=True)
+""")
+
+
+def test_two_processes(data_dir):
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO)
+  procs = [subprocess.Popen([sys.executable, "-c", _PROCESS, data_dir, str(port), str(i)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  results = [line.split()[1:] for out, _ in outputs for line in out.splitlines() if line.startswith("RESULT")]
+  assert len(results) == 2
+  assert results[0][0] == results[1][0] == str(-(-NUM_TEST // 36))  # same number of batches on both
+  assert int(results[0][1]) + int(results[1][1]) == NUM_TEST  # every example once, across the processes
