@@ -21,6 +21,7 @@ setup(
         "safetensors>=0.4,<0.9",
         "scikit-learn>=1.4,<2",
         "matplotlib>=3.8,<4",
+        "importlib_resources>=6",  # tensorflow-datasets needs it to prepare datasets but does not declare it
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
