@@ -58,6 +58,7 @@ def get_config():
 
   # Bookkeeping.
   c.seed = 0
+  c.rng_impl = "threefry2x32"     # jax.random key impl; 'rbg' compiles the initialisation ~8x faster on CPU
   c.log_every_steps = 100
   c.eval_every_epochs = 1.0       # 0: evaluate only at the end
   c.eval_every_steps = -1         # > 0 overrides eval_every_epochs

@@ -74,11 +74,12 @@ def learning_rate_schedule(config, d: Durations) -> optax.Schedule:
     raise ConfigError(f"unknown config.lr_schedule {config.lr_schedule!r}; choose 'step' or 'cosine'")
   if d.warmup_steps <= 0:
     return after
-  warmup = optax.linear_schedule(peak / d.warmup_steps, peak, d.warmup_steps)
+  w = d.warmup_steps
+  warmup = lambda step: peak * (step + 1) / w  # reaches the peak on the last warm-up step
   if config.lr_schedule == "step":
     # The step schedule is a function of the absolute step, so it is not shifted by the warm-up.
-    return lambda step: jnp.where(step < d.warmup_steps, warmup(step), after(step))
-  return optax.join_schedules([warmup, after], [d.warmup_steps])
+    return lambda step: jnp.where(step < w, warmup(step), after(step))
+  return optax.join_schedules([warmup, after], [w])
 
 
 def weight_decay_mask(params, decay_bn_and_bias: bool):

@@ -68,7 +68,7 @@ class TrainState(flax.struct.PyTreeNode):
 
 def create_train_state(config, model, tx, mesh, image_shape, rng=None):
   """Returns (state, state_sharding): initialised directly onto the mesh (params replicated)."""
-  rng = jax.random.key(config.seed) if rng is None else rng
+  rng = jax.random.key(config.seed, impl=config.rng_impl) if rng is None else rng
 
   def init(rng):
     init_rng, train_rng = jax.random.split(rng)
@@ -109,9 +109,9 @@ def accumulate_gradients(grad_fn, params, aux, batch, num_micro: int):
 
 
 def train_step(state: TrainState, batch, *, model, tx, schedule, label_smoothing=0.0, grad_accum_steps=1,
-               ema_decay=0.0):
+               ema_decay=0.0, rng_impl="threefry2x32"):
   """One SGD update on a global batch; returns (new state, replicated scalar metrics)."""
-  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=rng_impl), state.step)
 
   def loss_fn(params, batch_stats, micro):
     logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, micro["image"], train=True,
@@ -128,7 +128,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, label_smoothing
     new = new.replace(ema_params=optim.ema_update(state.ema_params, params, ema_decay),
                       ema_batch_stats=optim.ema_update(state.ema_batch_stats, batch_stats, ema_decay))
   metrics = {"loss": loss, "accuracy": accuracy, "learning_rate": schedule(state.step),
-             "grad_norm": optax.global_norm(grads)}
+             "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
   return new, metrics
 
 
@@ -136,7 +136,7 @@ def compile_train_step(config, model, tx, schedule, mesh, state_sharding):
   """train_step jitted with the state donated, batch sharded on 'data' and metrics replicated."""
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                            label_smoothing=config.label_smoothing, grad_accum_steps=config.grad_accum_steps,
-                           ema_decay=config.ema_decay)
+                           ema_decay=config.ema_decay, rng_impl=config.rng_impl)
   return jax.jit(step, in_shardings=(state_sharding, NamedSharding(mesh, P("data"))),
                  out_shardings=(state_sharding, evaluate.replicated(mesh)), donate_argnums=0)
 
@@ -236,8 +236,9 @@ class _TrainMetrics:
 
   def _consume(self, step, metrics):
     values = evaluate.to_host(metrics)
-    if not np.isfinite(values["loss"]):
-      raise _NonFinite(step, float(values["loss"]))
+    for name in ("loss", "param_norm"):  # a finite loss can still leave non-finite weights behind
+      if not np.isfinite(values[name]):
+        raise _NonFinite(step, name, float(values[name]))
     for k, v in values.items():
       self.sums[k] = self.sums.get(k, 0.0) + float(v)
     self.count += 1
@@ -250,9 +251,9 @@ class _TrainMetrics:
 
 class _NonFinite(Exception):
 
-  def __init__(self, step, value):
-    super().__init__(step, value)
-    self.step, self.value = step, value
+  def __init__(self, step, name, value):
+    super().__init__(step, name, value)
+    self.step, self.name, self.value = step, name, value
 
 
 def check_config(config, mesh) -> None:
@@ -359,7 +360,8 @@ def _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, 
       manager.wait_until_finished()
       good = manager.latest_step()
       kept = f"the last good checkpoint is step {good} in {ckpt_dir}" if good is not None else "no checkpoint saved"
-      raise TrainingError(f"loss became {e.value} at step {e.step}; training stopped ({kept})") from None
+      what = "loss" if e.name == "loss" else "the weights' norm"
+      raise TrainingError(f"{what} became {e.value} at step {e.step}; training stopped ({kept})") from None
 
   if step < d.num_train_steps:  # time-sliced run (stop_after_steps): the next run resumes here
     logging.info("Stopped at step %d of %d (config.stop_after_steps).", step, d.num_train_steps)

@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny training configs, a prepared digits dataset, and main.py in a subprocess.
+
+Tests marked `slow` (beyond the CI budget) are deselected in CI with `-m "not slow"`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+# XLA:CPU compiles dominate these tests; the same programs recur (a resumed run, eval after train, main.py in a
+# subprocess), so share a persistent compilation cache for this session (inherited by subprocesses).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jax_cache_")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.3"
+
+import ml_collections
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: beyond the CI time budget; deselect with -m 'not slow'")
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  """A ResNeXt with grouped convs (cardinality 4) small enough to compile and train in seconds on CPU."""
+  c = default.get_config()
+  c.model = "resnext11_4x16d"
+  c.model_overrides = ml_collections.ConfigDict(dict(stage_sizes=(1, 1), planes=(8, 16), stem_width=8,
+                                                     base_width=32))
+  c.dataset = "synthetic"
+  c.synthetic_num_classes = 10
+  c.synthetic_num_examples = 48
+  c.image_size = 8
+  c.batch_size = 16
+  c.eval_batch_size = 16
+  c.num_train_steps = 4
+  c.learning_rate = 0.05
+  c.lr_base_batch_size = 0
+  c.lr_schedule = "cosine"
+  c.warmup_steps = 1
+  c.log_every_steps = 2
+  c.eval_every_steps = -1
+  c.eval_every_epochs = 0.0
+  c.checkpoint_every_steps = 2
+  c.shuffle_buffer_size = 256
+  c.prefetch = 1
+  c.rng_impl = "rbg"
+  for key, value in overrides.items():
+    c[key] = value
+  return c
+
+
+def config_flags(config) -> list[str]:
+  """Command-line overrides that turn configs/default.py into `config` (top-level fields only)."""
+  base = default.get_config()
+  flags = []
+  for key, value in config.items():
+    if key == "model_overrides" or value == base[key]:
+      continue
+    flags.append(f"--config.{key}={value}")
+  return flags
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+  """A TFDS data_dir with sklearn_digits prepared once for the session."""
+  from resnext_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp("tfds"))
+  input_pipeline.get_dataset_info(tiny_config(dataset="sklearn_digits", data_dir=path))
+  return path
+
+
+def run_main(args, *, devices=1, timeout=420, env=None):
+  """Runs main.py in a fresh process with `devices` fake CPU devices; returns the CompletedProcess."""
+  env = dict(os.environ, **(env or {}), JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def last_json(stdout: str) -> dict:
+  lines = [line for line in stdout.splitlines() if line.strip()]
+  assert lines, "no stdout"
+  return json.loads(lines[-1])

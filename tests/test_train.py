@@ -1,0 +1,195 @@
+"""In-process training, evaluation and prediction with a tiny grouped-conv ResNeXt on one CPU device.
+
+Real components throughout: Orbax checkpoints on disk, TensorBoard event files, the TFDS digits pipeline.
+"""
+
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from conftest import tiny_config
+from resnext_jax import checkpoint
+from resnext_jax import evaluate
+from resnext_jax import models
+from resnext_jax import predict
+from resnext_jax import train
+from resnext_jax.optim import ConfigError
+
+
+def _scalar_tags(logdir):
+  tags = set()
+  for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
+    acc = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
+    acc.Reload()
+    tags |= set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
+  return tags
+
+
+def _params(workdir, step=None):
+  meta_step, meta = checkpoint.load_meta(checkpoint.checkpoint_directory(workdir), step)
+  del meta_step
+  return meta
+
+
+def _last_line(capsys):
+  return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_recipe_features_train_eval_checkpoint(tmp_path, capsys):
+  """EMA, bf16 compute, gradient accumulation, label smoothing, Nesterov, cosine warm-up, all in one short run."""
+  workdir = str(tmp_path / "wd")
+  config = tiny_config(ema_decay=0.5, half_precision=True, grad_accum_steps=2, label_smoothing=0.1,
+                       nesterov=True, keep_checkpoints=3, log_every_steps=1)
+  result = train.train_and_evaluate(config, workdir)
+  assert result["step"] == 4 and result["num_examples"] == 48
+  for key in ("top1", "top5", "loss", "ema_top1", "ema_top5", "ema_loss"):
+    assert np.isfinite(result[key]), key
+  assert _last_line(capsys) == result
+
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  assert sorted(os.listdir(ckpt_dir)) == ["2", "4"]
+  step, meta = checkpoint.load_meta(ckpt_dir)
+  assert step == 4 and meta["model"] == "resnext11_4x16d" and meta["num_classes"] == 10 and meta["ema"]
+  assert meta["model_overrides"]["stage_sizes"] == [1, 1]
+  # Parameters and BN statistics stay float32 under bfloat16 compute.
+  _, variables, _, _ = evaluate.load_variables(config, workdir, evaluate.make_mesh(), (8, 8, 3))
+  dtypes = {x.dtype for x in jax.tree.leaves(variables)}
+  assert dtypes == {np.dtype("float32")}
+
+  tags = _scalar_tags(workdir)
+  for tag in ("train_loss", "train_accuracy", "learning_rate", "images_per_sec", "steps_per_sec", "eval_top1",
+              "eval_top5", "eval_loss", "eval_ema_top1"):
+    assert tag in tags, (tag, tags)
+
+  # Eval mode on the saved checkpoint: the same numbers, printed as the last stdout line, written as events.
+  assert evaluate.evaluate(config, workdir) == result
+  assert _last_line(capsys) == result
+  assert "eval_top1" in _scalar_tags(os.path.join(workdir, "eval"))
+  config.eval_checkpoint_step = 2
+  assert evaluate.evaluate(config, workdir)["step"] == 2
+  config.eval_checkpoint_step = 3
+  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint for step 3"):
+    evaluate.evaluate(config, workdir)
+
+
+def test_resume_ends_exactly_as_uninterrupted(tmp_path, capsys):
+  straight, sliced = str(tmp_path / "straight"), str(tmp_path / "sliced")
+  config = tiny_config(num_train_steps=4, checkpoint_every_steps=3, ema_decay=0.9, lr_schedule="cosine")
+  full = train.train_and_evaluate(config, straight)
+
+  first = tiny_config(num_train_steps=4, checkpoint_every_steps=3, ema_decay=0.9, stop_after_steps=2)
+  assert train.train_and_evaluate(first, sliced) is None  # stops (and checkpoints) at step 2
+  assert sorted(os.listdir(os.path.join(sliced, "checkpoints"))) == ["2"]
+  resumed = train.train_and_evaluate(config, sliced)  # resumes at step 2, saves at 3 and 4
+  assert resumed == full
+  capsys.readouterr()
+
+  mesh = evaluate.make_mesh()
+  _, a, _, _ = evaluate.load_variables(config, straight, mesh, (8, 8, 3))
+  _, b, _, _ = evaluate.load_variables(config, sliced, mesh, (8, 8, 3))
+  jax.tree.map(np.testing.assert_array_equal, a, b)  # params, BN statistics and EMA: bit for bit
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path / "wd")
+  config = tiny_config(num_train_steps=6, stop_after_steps=2)
+  train.train_and_evaluate(config, workdir)
+  blown = tiny_config(num_train_steps=6, checkpoint_every_steps=1, learning_rate=1e38)  # diverges at once
+  with pytest.raises(train.TrainingError, match=r"became (nan|inf) at step 3.*last good checkpoint is step 2"):
+    train.train_and_evaluate(blown, workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  assert sorted(os.listdir(ckpt_dir)) == ["2"]
+  _, variables, step, _ = evaluate.load_variables(config, workdir, evaluate.make_mesh(), (8, 8, 3))
+  assert step == 2 and all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
+
+
+def test_config_errors(tmp_path):
+  with pytest.raises(ConfigError, match="unknown model 'resnext9000'"):
+    train.train_and_evaluate(tiny_config(model="resnext9000"), str(tmp_path / "a"))
+  with pytest.raises(ConfigError, match=r"batch_size=15 must be divisible by the number of devices \(1\) x "
+                                        r"grad_accum_steps \(2\)"):
+    train.train_and_evaluate(tiny_config(batch_size=15, grad_accum_steps=2), str(tmp_path / "b"))
+  with pytest.raises(ConfigError, match="lr_schedule"):
+    train.train_and_evaluate(tiny_config(lr_schedule="poly"), str(tmp_path / "c"))
+
+
+def test_missing_and_damaged_checkpoints_name_the_path(tmp_path):
+  config = tiny_config()
+  missing = str(tmp_path / "nothing_here")
+  with pytest.raises(checkpoint.CheckpointError, match="nothing_here"):
+    evaluate.evaluate(config, missing)
+  # A step directory whose files are garbage (e.g. a truncated copy).
+  damaged = tmp_path / "damaged" / "checkpoints" / "7"
+  for item in ("model", "meta"):
+    (damaged / item).mkdir(parents=True)
+    (damaged / item / "garbage").write_bytes(b"\x00not a checkpoint")
+  with pytest.raises(checkpoint.CheckpointError, match=str(tmp_path / "damaged")):
+    evaluate.evaluate(config, str(tmp_path / "damaged"))
+
+
+def _write_images(directory):
+  rng = np.random.default_rng(0)
+  paths = []
+  for i, fmt in enumerate(("png", "jpeg")):
+    path = os.path.join(directory, f"img{i}.{fmt}")
+    Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(path)
+    paths.append(path)
+  bad = os.path.join(directory, "notes.txt")
+  with open(bad, "w") as f:
+    f.write("not an image")
+  return paths, bad
+
+
+def test_digits_train_eval_predict(tmp_path, digits_dir, capsys):
+  """The real digits pipeline end to end: train, eval on all 299 test images once, predict files."""
+  workdir = str(tmp_path / "wd")
+  config = tiny_config(dataset="sklearn_digits", data_dir=digits_dir, num_train_steps=3, batch_size=32,
+                       eval_batch_size=64, image_size=16)
+  result = train.train_and_evaluate(config, workdir)
+  assert result["num_examples"] == 299 and result["step"] == 3
+  capsys.readouterr()
+
+  paths, bad = _write_images(str(tmp_path))
+  failed = predict.predict(config, workdir, [paths[0], bad, paths[1], str(tmp_path / "missing.png")])
+  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert failed == 2 and [line["file"] for line in lines] == [paths[0], bad, paths[1],
+                                                              str(tmp_path / "missing.png")]
+  assert "error" in lines[1] and "error" in lines[3]
+  for line in (lines[0], lines[2]):
+    top = line["top_k"]
+    assert len(top) == 5 and [t["name"] for t in top] == [str(t["label"]) for t in top]
+    assert top[0]["prob"] >= top[-1]["prob"] and 0 < sum(t["prob"] for t in top) <= 1 + 1e-6
+
+
+def test_converted_checkpoint_eval_and_predict(tmp_path, digits_dir, capsys):
+  """A converted (torchvision-style) checkpoint: 'model' and 'meta' only, at step 0, no training state."""
+  config = tiny_config(dataset="sklearn_digits", data_dir=digits_dir, image_size=16, eval_batch_size=64)
+  model = models.create_model("resnext11_4x16d", num_classes=10, stage_sizes=(1, 1), planes=(8, 16),
+                              stem_width=8, base_width=32)
+  variables = model.init(jax.random.key(1), np.zeros((1, 16, 16, 3), np.float32))
+  converted = str(tmp_path / "converted")
+  manager = checkpoint.create_manager(converted, async_save=False)
+  checkpoint.save(manager, 0, model=dict(variables),
+                  meta=dict(model="resnext11_4x16d", num_classes=10, source="test",
+                            model_overrides=dict(stage_sizes=[1, 1], planes=[8, 16], stem_width=8, base_width=32)))
+  manager.close()
+
+  direct = evaluate.evaluate(config, converted)  # --workdir pointing at the converted directory
+  assert direct["step"] == 0 and direct["num_examples"] == 299
+  config.init_checkpoint = converted  # ... or named by the config, with an empty workdir
+  assert evaluate.evaluate(config, str(tmp_path / "fresh")) == direct
+  capsys.readouterr()
+  paths, _ = _write_images(str(tmp_path))
+  assert predict.predict(config, str(tmp_path / "fresh"), paths) == 0
+  assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_imagenet_class_names():
+  names = predict.class_names({"num_classes": 1000, "model": "resnext50_32x4d"}, tiny_config())
+  assert len(names) == 1000 and names[0] == "tench" and names[999] == "toilet tissue"
