@@ -31,6 +31,7 @@ flags.mark_flags_as_required(["workdir"])
 def _initialize_distributed():
   """Joins the other processes: explicit flags, or JAX's cluster detection (TPU pod, SLURM, ...)."""
   import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only runs: cross-process collectives
   if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   else:

@@ -6,6 +6,7 @@ learning_rate, seed, checkpoint_every_steps.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config():
@@ -21,7 +22,9 @@ def get_config():
 
   # Data (resnext_jax.input_pipeline).
   c.dataset = "imagenet2012"      # imagenet2012 | cifar10 | cifar100 | sklearn_digits | imagefolder | synthetic
-  c.data_dir = None               # TFDS data_dir; for 'imagefolder' the root holding split/label/*.jpg
+  # TFDS data_dir (None: TFDS's default); for 'imagefolder' the root holding split/label/*.jpg. A typed
+  # placeholder, not None, so that --config.data_dir=... can set it.
+  c.data_dir = config_dict.placeholder(str)
   c.train_split = "train"
   c.eval_split = "validation"
   c.image_size = 224

@@ -12,7 +12,6 @@ from configs import imagenet_resnext50
 def get_config():
   c = imagenet_resnext50.get_config()
   c.dataset = "imagefolder"
-  c.data_dir = None
   c.train_split = "train"
   c.eval_split = "val"
   c.init_checkpoint = ""

@@ -2,8 +2,9 @@
 
 Every eval example counts exactly once: the input pipeline pads the last batches and carries a mask, and the
 step returns per-example results gathered to every process, so sums are taken on the host over exactly the
-masked-in examples. Losses are added with math.fsum (exactly rounded, so independent of order), which makes
-the result identical on any number of devices and processes.
+masked-in examples. Counts are therefore identical on any number of devices and processes; losses are added
+with math.fsum (exactly rounded, independent of order), so they differ only where XLA rounds a logit
+differently for a different per-device batch (~1e-9 relative).
 """
 
 import functools

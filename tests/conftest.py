@@ -90,3 +90,14 @@ def last_json(stdout: str) -> dict:
   lines = [line for line in stdout.splitlines() if line.strip()]
   assert lines, "no stdout"
   return json.loads(lines[-1])
+
+
+def assert_same_eval(a: dict, b: dict):
+  """Counts (top-1, top-5, examples, step) identical; losses equal up to float32 rounding of the logits, which
+  XLA may compute in a different order for a different per-device batch."""
+  assert a.keys() == b.keys()
+  for key in a:
+    if key.endswith("loss"):
+      assert abs(a[key] - b[key]) <= 1e-6 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    else:
+      assert a[key] == b[key], (key, a[key], b[key])
