@@ -66,6 +66,12 @@ def main(argv):
     sys.exit(1)
 
 
+def _quiet_orbax(record):
+  """Orbax logs every save in a dozen INFO lines; keep its warnings, drop the chatter."""
+  return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 if __name__ == "__main__":
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_quiet_orbax)
   app.run(main)

@@ -311,7 +311,7 @@ def _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, 
   hooks = [report]
   if config.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_num_steps,
-                                          first_profile=config.profile_first_step))
+                                          profile_duration_ms=None, first_profile=config.profile_first_step))
   metrics = _TrainMetrics()
   result, last_eval_step = None, -1
 
@@ -363,6 +363,8 @@ def _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, 
       what = "loss" if e.name == "loss" else "the weights' norm"
       raise TrainingError(f"{what} became {e.value} at step {e.step}; training stopped ({kept})") from None
 
+  if config.profile and jax.process_index() == 0:
+    _stop_profiler()  # the run ended inside the profiled window
   if step < d.num_train_steps:  # time-sliced run (stop_after_steps): the next run resumes here
     logging.info("Stopped at step %d of %d (config.stop_after_steps).", step, d.num_train_steps)
     return None
@@ -370,6 +372,13 @@ def _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, 
     run_eval()
   print(evaluate.result_line(step, result), flush=True)
   return {"step": step, **result}
+
+
+def _stop_profiler():
+  try:
+    jax.profiler.stop_trace()
+  except RuntimeError:  # no trace running: the hook already stopped it
+    pass
 
 
 def _eval_variables(state: TrainState) -> dict:

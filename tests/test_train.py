@@ -45,7 +45,8 @@ def test_recipe_features_train_eval_checkpoint(tmp_path, capsys):
   """EMA, bf16 compute, gradient accumulation, label smoothing, Nesterov, cosine warm-up, all in one short run."""
   workdir = str(tmp_path / "wd")
   config = tiny_config(ema_decay=0.5, half_precision=True, grad_accum_steps=2, label_smoothing=0.1,
-                       nesterov=True, keep_checkpoints=3, log_every_steps=1)
+                       nesterov=True, keep_checkpoints=3, log_every_steps=1, profile=True, profile_first_step=1,
+                       profile_num_steps=1)
   result = train.train_and_evaluate(config, workdir)
   assert result["step"] == 4 and result["num_examples"] == 48
   for key in ("top1", "top5", "loss", "ema_top1", "ema_top5", "ema_loss"):
@@ -62,6 +63,7 @@ def test_recipe_features_train_eval_checkpoint(tmp_path, capsys):
   dtypes = {x.dtype for x in jax.tree.leaves(variables)}
   assert dtypes == {np.dtype("float32")}
 
+  assert glob.glob(os.path.join(workdir, "plugins", "profile", "*", "*.xplane.pb"))  # the profiling hook
   tags = _scalar_tags(workdir)
   for tag in ("train_loss", "train_accuracy", "learning_rate", "images_per_sec", "steps_per_sec", "eval_top1",
               "eval_top5", "eval_loss", "eval_ema_top1"):
@@ -188,6 +190,16 @@ def test_converted_checkpoint_eval_and_predict(tmp_path, digits_dir, capsys):
   paths, _ = _write_images(str(tmp_path))
   assert predict.predict(config, str(tmp_path / "fresh"), paths) == 0
   assert len(capsys.readouterr().out.splitlines()) == 2
+
+  # Fine-tuning from it on 7 classes: every parameter but the new head starts from the checkpoint.
+  finetune = tiny_config(init_checkpoint=converted, synthetic_num_classes=7, image_size=16, num_train_steps=1,
+                         learning_rate=0.0, checkpoint_every_steps=1)
+  train.train_and_evaluate(finetune, str(tmp_path / "finetuned"))
+  _, tuned, _, meta = evaluate.load_variables(finetune, str(tmp_path / "finetuned"), evaluate.make_mesh(),
+                                              (16, 16, 3))
+  assert meta["num_classes"] == 7 and tuned["params"]["fc"]["kernel"].shape == (64, 7)
+  del tuned["params"]["fc"], variables["params"]["fc"]
+  jax.tree.map(np.testing.assert_array_equal, tuned["params"], variables["params"])
 
 
 def test_imagenet_class_names():
