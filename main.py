@@ -9,6 +9,7 @@ Several hosts: give --coordinator_address, --num_processes and --process_id (on 
 of them: JAX detects the cluster).
 """
 
+import logging as std_logging  # record levels (absl's WARNING constant is its own scale)
 import sys
 
 from absl import app
@@ -68,7 +69,7 @@ def main(argv):
 
 def _quiet_orbax(record):
   """Orbax logs every save in a dozen INFO lines; keep its warnings, drop the chatter."""
-  return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+  return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ class CheckpointError(Exception):
 def create_manager(directory, *, max_to_keep=None, async_save=True, read_only=False):
   """A CheckpointManager over `directory` (absolute path; created unless read_only)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                         create=not read_only, read_only=read_only)
+                                         create=not read_only, read_only=read_only,
+                                         save_interval_steps=0 if read_only else 1)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
 
 
@@ -74,9 +75,9 @@ def _step(manager, directory, step):
   return step
 
 
-def load_meta(directory, step=None):
+def load_meta(directory, step=None, *, manager=None):
   """Returns (step, meta dict) of the latest (or given) checkpoint in `directory`."""
-  manager = _open(directory)
+  manager = manager or _open(directory)
   step = _step(manager, directory, step)
   try:
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -90,8 +91,8 @@ def restore(directory, *, model_target, train_target=None, step=None) -> dict[st
 
   Returns {'step', 'model', 'train' (or None), 'meta'}.
   """
-  step, meta = load_meta(directory, step)
   manager = _open(directory)
+  step, meta = load_meta(directory, step, manager=manager)
   items = dict(model=ocp.args.StandardRestore(model_target))
   if train_target is not None:
     items["train"] = ocp.args.StandardRestore(train_target)
