@@ -66,9 +66,8 @@ class TrainState(flax.struct.PyTreeNode):
 # --- State and step (importable: the benchmark reuses them). ---
 
 
-def create_train_state(config, model, tx, mesh, image_shape, rng=None):
-  """Returns (state, state_sharding): initialised directly onto the mesh (params replicated)."""
-  rng = jax.random.key(config.seed, impl=config.rng_impl) if rng is None else rng
+def _state_initializer(config, model, tx, image_shape):
+  """init(rng) -> TrainState with fresh weights (He init), zero momentum, EMA = weights."""
 
   def init(rng):
     init_rng, train_rng = jax.random.split(rng)
@@ -79,8 +78,23 @@ def create_train_state(config, model, tx, mesh, image_shape, rng=None):
                       opt_state=tx.init(params), ema_params=params if ema else None,
                       ema_batch_stats=batch_stats if ema else None, rng=jax.random.key_data(train_rng))
 
-  abstract = jax.eval_shape(init, rng)
-  sharding = jax.tree.map(lambda _: evaluate.replicated(mesh), abstract)
+  return init
+
+
+def abstract_train_state(config, model, tx, mesh, image_shape):
+  """(ShapeDtypeStructs with shardings, shardings) of the state: Orbax's restore target, no FLOPs spent."""
+  rng = jax.random.key(config.seed, impl=config.rng_impl)
+  shapes = jax.eval_shape(_state_initializer(config, model, tx, image_shape), rng)
+  sharding = jax.tree.map(lambda _: evaluate.replicated(mesh), shapes)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, sharding)
+  return abstract, sharding
+
+
+def create_train_state(config, model, tx, mesh, image_shape, rng=None):
+  """Returns (state, state_sharding): initialised directly onto the mesh (params replicated)."""
+  rng = jax.random.key(config.seed, impl=config.rng_impl) if rng is None else rng
+  _, sharding = abstract_train_state(config, model, tx, mesh, image_shape)
+  init = _state_initializer(config, model, tx, image_shape)
   return jax.jit(init, out_shardings=sharding)(rng), sharding
 
 
@@ -152,21 +166,21 @@ def training_meta(config, info) -> dict:
           "class_names": list(info.class_names), "config": json.loads(config.to_json_best_effort())}
 
 
-def _abstract(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+def _restore_or_initialize(config, model, tx, mesh, image_shape, ckpt_dir):
+  """Resumes from the workdir's latest checkpoint, else starts from config.init_checkpoint, else fresh.
 
-
-def _restore_or_initialize(config, state, state_sharding, ckpt_dir, model, mesh, image_shape):
-  """Resumes from the workdir's latest checkpoint, else starts from config.init_checkpoint, else fresh."""
+  Returns (state, state_sharding); a resumed state is restored straight onto the mesh, never initialised.
+  """
+  abstract, sharding = abstract_train_state(config, model, tx, mesh, image_shape)
   if checkpoint.has_checkpoint(ckpt_dir):
-    abstract = _abstract(state)
     restored = checkpoint.restore(ckpt_dir, model_target=abstract.model_item(),
                                   train_target=abstract.train_item())
     logging.info("Resuming from %s at step %d.", ckpt_dir, restored["step"])
-    return state.with_items(restored["model"], restored["train"])
+    return abstract.with_items(restored["model"], restored["train"]), sharding
+  state, sharding = create_train_state(config, model, tx, mesh, image_shape)
   if config.init_checkpoint:
-    return _initialize_from(config, state, state_sharding, mesh, image_shape)
-  return state
+    state = _initialize_from(config, state, sharding, mesh, image_shape)
+  return state, sharding
 
 
 def _initialize_from(config, state, state_sharding, mesh, image_shape):
@@ -282,9 +296,8 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict | None:
   model = evaluate.build_model(config, info.num_classes)
   schedule = optim.learning_rate_schedule(config, d)
   tx = optim.create_optimizer(config, schedule)
-  state, state_sharding = create_train_state(config, model, tx, mesh, info.image_shape)
   ckpt_dir = checkpoint.checkpoint_directory(workdir)
-  state = _restore_or_initialize(config, state, state_sharding, ckpt_dir, model, mesh, info.image_shape)
+  state, state_sharding = _restore_or_initialize(config, model, tx, mesh, info.image_shape, ckpt_dir)
   logging.info("Training %s on %s: %d steps (%d per epoch), batch %d on %d devices / %d processes.",
                config.model, config.dataset, d.num_train_steps, d.steps_per_epoch, config.batch_size,
                mesh.devices.size, jax.process_count())

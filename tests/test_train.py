@@ -31,12 +31,6 @@ def _scalar_tags(logdir):
   return tags
 
 
-def _params(workdir, step=None):
-  meta_step, meta = checkpoint.load_meta(checkpoint.checkpoint_directory(workdir), step)
-  del meta_step
-  return meta
-
-
 def _last_line(capsys):
   return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
