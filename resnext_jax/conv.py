@@ -1,0 +1,145 @@
+"""Convolution layer used by every conv of the model, with interchangeable implementations.
+
+All implementations compute the same NHWC x HWIO convolution from the same parameter ('kernel', HWIO with
+I = in_features // groups, as nn.Conv), so a checkpoint trained with one loads into any other; they differ
+only in how XLA is asked to compute it, because XLA's speed depends heavily on the formulation:
+
+- 'xla': `lax.conv_general_dilated(feature_group_count=groups)`. On CPU, XLA rewrites a grouped conv into a
+  dense conv with a block-diagonal kernel (`groups` times the FLOPs) and its backward is far worse still
+  (36 s for one 56x56x128 32-group conv at batch 32); the dense convolutions' weight gradient is slow too.
+  On GPU/TPU it is cuDNN/the TPU convolution unit, the reasonable default there.
+- 'blockdiag': channels are cut into super-groups of a few groups each; each super-group is one dense conv
+  with a block-diagonal kernel. That bounds the wasted FLOPs to the super-group size while keeping XLA's
+  fast dense (Eigen) convolution, and autodiff of dense convs avoids the grouped backward.
+- 'matmul': im2col (one shifted slice per tap) and 2D matmuls, per super-group for grouped convs. A 1x1
+  conv is then a single matmul, whose backward is two matmuls: on CPU ~6x faster than the conv's.
+- 'auto': per backend and layer shape, from the measurements in docs/performance.md (see `_auto`).
+"""
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "xla", "blockdiag", "matmul")
+
+# Super-group width in channels for 'blockdiag'/'matmul' on CPU: each super-group wastes (width / group
+# size) x the FLOPs of the grouped conv but runs as one dense op. Measured best (docs/performance.md):
+# 16 channels for groups of 4 or 8, twice the group size above that.
+_MIN_SUPERGROUP_CHANNELS = 16
+
+
+def conv_general(x, kernel, strides, padding, groups, impl="auto"):
+  """NHWC x HWIO convolution with explicit padding ((top, bottom), (left, right)) and `groups` groups."""
+  if impl not in IMPLS:
+    raise ValueError(f"unknown conv impl {impl!r}; choose one of {IMPLS}")
+  if impl == "auto":
+    impl = _auto(kernel.shape, groups, jax.default_backend())
+  return _IMPL_FNS[impl](x, kernel, tuple(strides), tuple(map(tuple, padding)), groups)
+
+
+# What 'auto' runs, by (backend, layer kind): the fastest forward+backward per layer in docs/performance.md
+# (benchmarks/conv_layers.py, 2-core CPU). Backends not listed get 'xla': cuDNN / TPU convolutions, the
+# reasonable default there; not measured (no accelerator was available).
+_AUTO = {
+    ("cpu", "grouped"): "blockdiag",   # e.g. 56x56x128, 32 groups: 0.73 s vs XLA's 36 s fwd+bwd
+    ("cpu", "1x1"): "matmul",          # 56x56 256->128: 0.42 s vs 2.5 s fwd+bwd
+    ("cpu", "dense"): "xla",           # the 7x7 stem: im2col costs more than it saves
+}
+
+
+def _auto(kernel_shape, groups, backend):
+  """The implementation `_AUTO` records as fastest for this backend and kind of layer."""
+  kind = "grouped" if groups > 1 else "1x1" if tuple(kernel_shape[:2]) == (1, 1) else "dense"
+  return _AUTO.get((backend, kind), "xla")
+
+
+def _xla(x, kernel, strides, padding, groups):
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=strides, padding=padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+def _blockdiag(x, kernel, strides, padding, groups):
+  """One dense conv per super-group, each with a block-diagonal kernel."""
+  kernels = _supergroup_kernels(kernel, groups)
+  xs = jnp.split(x, len(kernels), axis=-1)
+  return _concat([_xla(xj, kj, strides, padding, 1) for xj, kj in zip(xs, kernels)])
+
+
+def _matmul(x, kernel, strides, padding, groups):
+  """im2col then one 2D matmul per super-group (block-diagonal kernel)."""
+  kh, kw = kernel.shape[:2]
+  kernels = _supergroup_kernels(kernel, groups)
+  outs = []
+  for xj, kj in zip(jnp.split(x, len(kernels), axis=-1), kernels):
+    patches = _im2col(xj, (kh, kw), strides, padding)               # (B, Ho, Wo, kh*kw*cin)
+    outs.append(jnp.dot(patches, kj.reshape(-1, kj.shape[-1])))
+  return _concat(outs)
+
+
+def _im2col(x, kernel_size, strides, padding):
+  """(B, Ho, Wo, kh*kw*C) patches, tap-major then channel, matching an HWIO kernel flattened over HWI."""
+  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  (kh, kw), (sh, sw) = kernel_size, strides
+  ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+  taps = [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] for i in range(kh) for j in range(kw)]
+  return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+
+
+def _supergroup_kernels(kernel, groups):
+  """Splits a grouped HWIO kernel into dense block-diagonal kernels, one per super-group of channels."""
+  if groups == 1:
+    return [kernel]
+  kh, kw, cin, cout = kernel.shape
+  per_super = _groups_per_supergroup(cin, groups)
+  num_super, out_per_group = groups // per_super, cout // groups
+  k = kernel.reshape(kh, kw, cin, num_super, per_super, out_per_group)
+  eye = jnp.eye(per_super, dtype=kernel.dtype)
+  dense = jnp.einsum("hwcjko,kl->jhwlcko", k, eye)  # [.., l, c, k, o] = kernel of group k if l == k else 0
+  return list(dense.reshape(num_super, kh, kw, per_super * cin, per_super * out_per_group))
+
+
+def _groups_per_supergroup(in_per_group, groups):
+  """Largest divisor of `groups` whose super-group is at most max(16, 2 * group size) channels wide."""
+  width = max(_MIN_SUPERGROUP_CHANNELS, 2 * in_per_group)
+  return max(k for k in range(1, groups + 1) if groups % k == 0 and k * in_per_group <= width)
+
+
+def _concat(ys):
+  return ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=-1)
+
+
+_IMPL_FNS = {"xla": _xla, "blockdiag": _blockdiag, "matmul": _matmul}
+
+
+class Conv(nn.Module):
+  """nn.Conv-compatible convolution (explicit padding, optional groups) with a selectable implementation."""
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: Sequence[int] = (1, 1)
+  padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0))
+  feature_group_count: int = 1
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+  bias_init: Callable = nn.initializers.zeros
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x):
+    in_features = x.shape[-1]
+    if in_features % self.feature_group_count or self.features % self.feature_group_count:
+      raise ValueError(
+          f"groups={self.feature_group_count} must divide both input ({in_features}) and output "
+          f"({self.features}) channels")
+    kernel_shape = (*self.kernel_size, in_features // self.feature_group_count, self.features)
+    kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    y = conv_general(x, kernel, tuple(self.strides), tuple(map(tuple, self.padding)),
+                     self.feature_group_count, self.impl)
+    if self.use_bias:
+      y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(y.dtype)
+    return y

@@ -1,0 +1,106 @@
+"""Every convolution implementation equals XLA's native one, in values and gradients, and shares its params."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnext_jax import conv
+
+FAST_IMPLS = [impl for impl in conv.IMPLS if impl != "xla"]
+
+# (kernel, stride, padding, size, in channels, out channels, groups): odd and even sizes, strides 1 and 2,
+# cardinalities 1 (dense), 2, 4 and 8, and the ResNeXt layers' kinds: 1x1, grouped 3x3, 7x7/2 stem.
+CASES = [
+    (3, 1, 1, 7, 16, 16, 4),
+    (3, 2, 1, 8, 16, 16, 4),
+    (3, 2, 1, 9, 32, 32, 8),
+    (3, 1, 1, 6, 64, 32, 2),
+    (3, 2, 1, 7, 64, 64, 8),    # 8 channels per group: several groups per super-group
+    (1, 1, 0, 6, 16, 24, 1),
+    (1, 2, 0, 7, 16, 32, 1),
+    (7, 2, 3, 10, 3, 8, 1),
+]
+
+
+def _inputs(case, dtype=jnp.float32):
+  k, _, _, size, cin, cout, groups = case
+  kx, kw = jax.random.split(jax.random.key(sum(case)))
+  x = jax.random.normal(kx, (2, size, size + 1, cin))       # H != W catches swapped axes
+  w = jax.random.normal(kw, (k, k, cin // groups, cout)) * (k * k * cin // groups) ** -0.5
+  return x.astype(dtype), w.astype(dtype)
+
+
+def _conv_fn(case, impl):
+  _, stride, pad, _, _, _, groups = case
+  return functools.partial(conv.conv_general, strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                           groups=groups, impl=impl)
+
+
+@functools.lru_cache(maxsize=None)
+def _results(case, impl, dtype=jnp.float32):
+  """Output, input and kernel gradients of a loss weighting each output differently (a sum hides transposes)."""
+  def forward_and_grads(x, w):
+    y, vjp = jax.vjp(_conv_fn(case, impl), x, w)
+    cotangent = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape).astype(y.dtype)
+    return y, *vjp(cotangent)
+  return jax.jit(forward_and_grads)(*_inputs(case, dtype))
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "k{}s{}p{}n{}c{}-{}g{}".format(*c))
+def test_matches_xla_float32(impl, case):
+  for got, want, name in zip(_results(case, impl), _results(case, "xla"), ("output", "dx", "dkernel")):
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("impl", conv.IMPLS)
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6]], ids=["grouped_s2", "grouped8_s2", "1x1_s2"])
+def test_bfloat16_close_to_float32(impl, case):
+  """bfloat16 inputs: output and gradients within bfloat16 rounding (8 bits, sums of <= 144 terms) of float32's."""
+  for got, want, name in zip(_results(case, impl, jnp.bfloat16), _results(case, "xla"), ("output", "dx", "dkernel")):
+    assert got.dtype == jnp.bfloat16
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.02, atol=0.02 * scale, err_msg=name)
+
+
+def test_params_identical_to_nn_conv_and_shared_across_impls():
+  """Same parameter tree as flax's nn.Conv; a checkpoint made with one impl gives the same outputs in another."""
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+  kw = dict(features=32, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), feature_group_count=4,
+            use_bias=True)
+  reference = nn.Conv(**kw)
+  params = reference.init(jax.random.key(1), x)
+  want = reference.apply(params, x)
+  for impl in conv.IMPLS:
+    layer = conv.Conv(impl=impl, **kw)
+    assert jax.tree.map(jnp.shape, layer.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, params)
+    np.testing.assert_allclose(layer.apply(params, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_is_xla_on_accelerators_and_fast_formulations_on_cpu():
+  grouped, dense_1x1, stem = (3, 3, 4, 128), (1, 1, 256, 64), (7, 7, 3, 64)
+  for backend in ("gpu", "tpu"):
+    assert {conv._auto(k, g, backend) for k, g in [(grouped, 32), (dense_1x1, 1), (stem, 1)]} == {"xla"}
+  assert conv._auto(grouped, 32, "cpu") == "blockdiag"
+  assert conv._auto(dense_1x1, 1, "cpu") == "matmul"
+  assert conv._auto(stem, 1, "cpu") == "xla"
+
+
+def test_supergroups_bound_the_wasted_flops():
+  assert conv._groups_per_supergroup(4, 32) == 4      # 16-channel super-groups for groups of 4
+  assert conv._groups_per_supergroup(8, 32) == 2
+  assert conv._groups_per_supergroup(32, 32) == 2     # twice the group size
+  assert conv._groups_per_supergroup(4, 1) == 1
+
+
+def test_rejects_unknown_impl_and_bad_groups():
+  x = jnp.zeros((1, 4, 4, 6))
+  with pytest.raises(ValueError, match="unknown conv impl"):
+    conv.conv_general(x, jnp.zeros((1, 1, 6, 6)), (1, 1), ((0, 0), (0, 0)), 1, impl="nope")
+  with pytest.raises(ValueError, match="must divide"):
+    conv.Conv(features=6, feature_group_count=4).init(jax.random.key(0), x)
