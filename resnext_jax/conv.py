@@ -24,12 +24,6 @@ import jax.numpy as jnp
 
 IMPLS = ("auto", "xla", "blockdiag", "matmul")
 
-# Super-group width in channels for 'blockdiag'/'matmul' on CPU: each super-group wastes (width / group
-# size) x the FLOPs of the grouped conv but runs as one dense op. Measured best (docs/performance.md):
-# 16 channels for groups of 4 or 8, twice the group size above that.
-_MIN_SUPERGROUP_CHANNELS = 16
-
-
 def conv_general(x, kernel, strides, padding, groups, impl="auto"):
   """NHWC x HWIO convolution with explicit padding ((top, bottom), (left, right)) and `groups` groups."""
   if impl not in IMPLS:
@@ -102,8 +96,13 @@ def _supergroup_kernels(kernel, groups):
 
 
 def _groups_per_supergroup(in_per_group, groups):
-  """Largest divisor of `groups` whose super-group is at most max(16, 2 * group size) channels wide."""
-  width = max(_MIN_SUPERGROUP_CHANNELS, 2 * in_per_group)
+  """Groups per super-group for 'blockdiag'/'matmul': a divisor of `groups`, as many as fit the width.
+
+  Each super-group wastes (width / group size) x the FLOPs of the grouped conv but runs as one dense op.
+  Measured best on CPU (docs/performance.md): 16 channels wide for groups of 4 or 8, 32 for groups of 16,
+  a single group from 32 channels up.
+  """
+  width = max(in_per_group, 16 if in_per_group < 16 else 32)
   return max(k for k in range(1, groups + 1) if groups % k == 0 and k * in_per_group <= width)
 
 

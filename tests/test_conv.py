@@ -94,7 +94,8 @@ def test_auto_is_xla_on_accelerators_and_fast_formulations_on_cpu():
 def test_supergroups_bound_the_wasted_flops():
   assert conv._groups_per_supergroup(4, 32) == 4      # 16-channel super-groups for groups of 4
   assert conv._groups_per_supergroup(8, 32) == 2
-  assert conv._groups_per_supergroup(32, 32) == 2     # twice the group size
+  assert conv._groups_per_supergroup(16, 32) == 2
+  assert conv._groups_per_supergroup(32, 32) == 1     # one dense conv per group
   assert conv._groups_per_supergroup(4, 1) == 1
 
 
