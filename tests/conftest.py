@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import default, digits_resnext  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def pytest_configure(config):
@@ -33,8 +33,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   """A ResNeXt with grouped convs (cardinality 4) small enough to compile and train in seconds on CPU."""
   c = default.get_config()
   c.model = "resnext11_4x16d"
-  c.model_overrides = ml_collections.ConfigDict(dict(stage_sizes=(1, 1), planes=(8, 16), stem_width=8,
-                                                     base_width=32))
+  c.model_overrides = ml_collections.ConfigDict(digits_resnext.TINY_MODEL)
   c.dataset = "synthetic"
   c.synthetic_num_classes = 10
   c.synthetic_num_examples = 48

@@ -7,9 +7,11 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from conftest import REPO, assert_same_eval, last_json, run_main
+from conftest import REPO, assert_same_eval, last_json, run_main, tiny_config
+from resnext_jax import evaluate
 
 TINY = ["--config=configs/digits_resnext.py:tiny"]
 
@@ -22,7 +24,7 @@ def _no_traceback(proc):
   return errors[0]
 
 
-def test_digits_on_8_devices_then_eval_on_1_identical(tmp_path, digits_dir):
+def test_digits_on_8_devices_then_eval_on_1_identical(tmp_path, digits_dir, capsys):
   workdir = str(tmp_path / "wd")
   flags = [*TINY, f"--config.data_dir={digits_dir}", "--config.num_train_steps=3", "--config.batch_size=32",
            "--config.eval_batch_size=64", "--config.checkpoint_every_steps=2", f"--workdir={workdir}"]
@@ -33,9 +35,9 @@ def test_digits_on_8_devices_then_eval_on_1_identical(tmp_path, digits_dir):
   assert result["step"] == 3 and result["num_examples"] == 299
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
 
-  evaluated = run_main([*flags, "--mode=eval"], devices=1)  # restores onto another device count
-  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-  assert_same_eval(last_json(evaluated.stdout), result)  # same examples once each
+  # Eval mode here, on one device: restores onto another device count, counts every example once again.
+  config = tiny_config(dataset="sklearn_digits", data_dir=digits_dir, eval_batch_size=64)
+  assert_same_eval(evaluate.evaluate(config, workdir), result)
 
   # Predict: one good image, one non-image; the good one is still predicted and the exit code says failure.
   image = str(tmp_path / "seven.png")
@@ -51,13 +53,12 @@ def test_digits_on_8_devices_then_eval_on_1_identical(tmp_path, digits_dir):
 
 
 def test_user_errors_are_one_line(tmp_path):
-  """main.py prints user errors as one line, no traceback (the other kinds are covered in test_train)."""
+  """main.py prints user errors as one line, no traceback (the messages of the other kinds are tested in
+  test_train; main.py handles them all alike)."""
   workdir = str(tmp_path / "wd")
   synthetic = [*TINY, "--config.dataset=synthetic", f"--workdir={workdir}"]
   indivisible = run_main([*synthetic, "--config.batch_size=12"], devices=8)
   assert "batch_size=12 must be divisible by the number of devices (8)" in _no_traceback(indivisible)
-  missing = run_main([*synthetic, "--mode=eval"])
-  assert f"{workdir}/checkpoints does not exist" in _no_traceback(missing)
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
@@ -81,3 +82,15 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   steps = [int(s) for s in os.listdir(events) if s.isdigit()]
   assert len(steps) == 1 and 0 < steps[0] < 100000
   assert out.strip() == ""  # no final eval line: the run did not finish
+
+
+@pytest.mark.slow
+def test_digits_demo_reaches_97_percent(tmp_path, digits_dir):
+  """The README's main command, as is (about 4 minutes on 2 CPU cores): >= 97% test top-1 from scratch."""
+  start = time.time()
+  proc = run_main(["--config=configs/digits_resnext.py", f"--config.data_dir={digits_dir}",
+                   f"--workdir={tmp_path / 'wd'}"], timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = last_json(proc.stdout)
+  assert result["num_examples"] == 299 and result["top1"] >= 0.97, result
+  assert time.time() - start < 600
