@@ -67,14 +67,22 @@ def test_widths_follow_the_paper():
 
 
 def tiny(name="resnext50_32x4d", **kw):
-  return models.create_model(name, num_classes=5, stage_sizes=(1, 1, 1, 1), **kw)
+  """ResNeXt-50's layout with one block per stage and narrow planes: the same code paths, fast on CPU."""
+  return models.create_model(name, num_classes=5, stage_sizes=(1, 1, 1, 1), planes=(16, 32, 64, 128),
+                             stem_width=16, cardinality=8, base_width=16, **kw)
 
 
-def test_train_mode_updates_batch_stats_with_torch_momentum():
+@pytest.fixture(scope="module")
+def tiny_setup():
+  """One initialised tiny model shared by the tests below (XLA:CPU compiles dominate their cost)."""
   model = tiny()
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3)) * 2.0 + 1.0
-  variables = model.init(jax.random.key(0), x)
-  logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  return model, x, jax.jit(model.init)(jax.random.key(0, impl="rbg"), x)
+
+
+def test_train_mode_updates_batch_stats_with_torch_momentum(tiny_setup):
+  model, x, variables = tiny_setup
+  logits, updates = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables)
   assert logits.shape == (4, 5)
   # The stem's BN sees conv1's output; running mean moves 10% of the way to the batch mean (PyTorch 0.1).
   stem = jax.lax.conv_general_dilated(x, variables["params"]["conv1"]["kernel"], (2, 2), ((3, 3), (3, 3)),
@@ -84,40 +92,40 @@ def test_train_mode_updates_batch_stats_with_torch_momentum():
   changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"], updates["batch_stats"])
   assert all(jax.tree.leaves(changed))
   # Eval mode leaves them alone and does not depend on the batch.
-  single = model.apply(variables, x[:1])
-  np.testing.assert_allclose(single, model.apply(variables, x)[:1], rtol=1e-5, atol=1e-5)
+  apply = jax.jit(model.apply)
+  np.testing.assert_allclose(apply(variables, x[:1]), apply(variables, x)[:1], rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_forward_close_to_float32():
-  x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
-  f32 = tiny()
-  variables = f32.init(jax.random.key(0), x)
+def test_bfloat16_forward_close_to_float32(tiny_setup):
+  f32, x, variables = tiny_setup
   bf16 = tiny(dtype=jnp.bfloat16)
-  out32, out16 = f32.apply(variables, x), bf16.apply(variables, x)
+  out32, out16 = jax.jit(f32.apply)(variables, x), jax.jit(bf16.apply)(variables, x)
   assert out16.dtype == jnp.float32  # logits come back in float32
-  assert jax.tree.leaves(bf16.init(jax.random.key(0), x))[0].dtype == jnp.float32  # params stay float32
+  assert jax.tree.leaves(jax.eval_shape(bf16.init, jax.random.key(0), x))[0].dtype == jnp.float32
   rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
   assert rel < 0.05, rel
 
 
-def test_zero_init_last_bn_makes_blocks_identity_on_residual():
-  model = tiny(zero_init_last_bn=True)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-  assert not jnp.any(params["layer2_0"]["bn3"]["scale"])
-  assert jnp.all(tiny().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]["layer2_0"]["bn3"]["scale"] == 1)
+def test_zero_init_last_bn_zeroes_every_block_s_last_bn_scale():
+  def bn3_scales(**kw):
+    model = models.create_model("resnext11_4x16d", stage_sizes=(2,), planes=(8,), stem_width=8, **kw)
+    params = jax.jit(model.init)(jax.random.key(0, impl="rbg"), jnp.zeros((1, 8, 8, 3)))["params"]
+    return [params[f"layer1_{j}"]["bn3"]["scale"] for j in (0, 1)] + [params["layer1_0"]["bn2"]["scale"]]
+  *last, other = bn3_scales(zero_init_last_bn=True)
+  assert not any(jnp.any(s) for s in last) and jnp.all(other == 1)
+  assert all(jnp.all(s == 1) for s in bn3_scales())  # default off, as torchvision
 
 
-def test_features_are_stage_outputs_of_the_classifier_path():
-  model = tiny()
+def test_features_are_stage_outputs_of_the_classifier_path(tiny_setup):
+  model, _, variables = tiny_setup
   x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
-  variables = model.init(jax.random.key(0), x)
-  feats = model.apply(variables, x, features=True)
+  feats = jax.jit(lambda v: model.apply(v, x, features=True))(variables)
   assert {k: v.shape for k, v in feats.items()} == {
-      "stem": (2, 16, 16, 64), "layer1": (2, 16, 16, 256), "layer2": (2, 8, 8, 512),
-      "layer3": (2, 4, 4, 1024), "layer4": (2, 2, 2, 2048)}
+      "stem": (2, 16, 16, 16), "layer1": (2, 16, 16, 64), "layer2": (2, 8, 8, 128),
+      "layer3": (2, 4, 4, 256), "layer4": (2, 2, 2, 512)}
   head = variables["params"]["fc"]
   logits = feats["layer4"].mean(axis=(1, 2)) @ head["kernel"] + head["bias"]
-  np.testing.assert_allclose(logits, model.apply(variables, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits, jax.jit(model.apply)(variables, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("size", [33, 47])
