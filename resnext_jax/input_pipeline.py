@@ -84,9 +84,9 @@ def preprocess_eval_image(encoded_bytes: bytes, config) -> np.ndarray:
   _tf_cpu_only()
   if config.dataset == "synthetic":
     raise DataError("preprocess_eval_image needs a real dataset's transform; config.dataset is 'synthetic'.")
-  source = sources.get_source(config)
+  style = sources.transform_style(config)
   try:
-    image = _eval_transform(source, config)(tf.constant(encoded_bytes))
+    image = _eval_transform(style, config)(tf.constant(encoded_bytes))
   except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
     raise ValueError(f"Not a decodable image ({e.message.splitlines()[0] if e.message else e}).") from e
   return image.numpy()
@@ -137,7 +137,7 @@ def eval_dataset(source: sources.Source, config, *, process_index: int, process_
   parts = tfds.even_splits(source.eval_split, process_count)
   splits = source.builder.info.splits
   num_batches = max(math.ceil(splits[part].num_examples / local_batch) for part in parts)
-  transform = _eval_transform(source, config)
+  transform = _eval_transform(sources.transform_style(config), config)
   ds = source.builder.as_dataset(split=parts[process_index], shuffle_files=False, decoders=_SKIP_DECODING)
   if config.cache:
     ds = ds.cache()
@@ -149,9 +149,9 @@ def eval_dataset(source: sources.Source, config, *, process_index: int, process_
   return _finish(ds.batch(local_batch, drop_remainder=True))
 
 
-def _eval_transform(source: sources.Source, config):
-  return functools.partial(transforms.eval_image, size=config.image_size, crop_ratio=source.eval_crop_ratio,
-                           mean=source.mean, std=source.std)
+def _eval_transform(style: dict, config):
+  return functools.partial(transforms.eval_image, size=config.image_size, crop_ratio=style["eval_crop_ratio"],
+                           mean=style["mean"], std=style["std"])
 
 
 def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:

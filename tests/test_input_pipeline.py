@@ -188,6 +188,19 @@ def test_imagenet_not_prepared_says_what_to_do(tmp_path):
   assert str(tmp_path / "downloads" / "manual") in message and "tfds build imagenet2012" in message
 
 
+def test_imagenet_eval_transform_needs_no_prepared_imagenet(tmp_path):
+  """Predicting with converted ImageNet weights must work on a machine without ImageNet."""
+  import io
+  from PIL import Image
+  buffer = io.BytesIO()
+  Image.new("RGB", (500, 375), (255, 255, 255)).save(buffer, format="PNG")
+  config = _config(str(tmp_path), dataset="imagenet2012", image_size=224)
+  image = input_pipeline.preprocess_eval_image(buffer.getvalue(), config)
+  assert image.shape == (224, 224, 3) and image.dtype == np.float32
+  white = (1.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])  # ImageNet mean/std
+  np.testing.assert_allclose(image.reshape(-1, 3), np.broadcast_to(white, (224 * 224, 3)), rtol=1e-3)
+
+
 _MULTI_DEVICE = textwrap.dedent("""
     import collections, sys
     import jax, numpy as np

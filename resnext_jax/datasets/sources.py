@@ -42,45 +42,49 @@ class Source:
   std: tuple[float, float, float]
 
 
-def get_source(config) -> Source:
-  """The Source for config.dataset; raises DataError when the data is missing or the config is inconsistent."""
+def transform_style(config) -> dict:
+  """config.dataset's augmentation, eval crop and normalisation. Needs no data, so that prediction with, say,
+  converted ImageNet weights works on a machine without ImageNet."""
   name = config.dataset
   if name == "sklearn_digits":
-    builder = prepare(lambda: SklearnDigits(data_dir=config.data_dir))
     style = dict(augment="none", eval_crop_ratio=None, mean=transforms.DIGITS_MEAN, std=transforms.DIGITS_STD)
+  elif name in ("imagefolder", "imagenet2012"):
+    style = dict(augment="inception", eval_crop_ratio=config.crop_ratio,
+                 mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD)
+  elif name in ("cifar10", "cifar100"):
+    stats = (transforms.CIFAR10_MEAN, transforms.CIFAR10_STD) if name == "cifar10" else (
+        transforms.CIFAR100_MEAN, transforms.CIFAR100_STD)
+    style = dict(augment="cifar", eval_crop_ratio=None, mean=stats[0], std=stats[1])
+  else:
+    raise DataError(f"Unknown dataset {name!r}; config.dataset must be one of {', '.join(DATASETS)}.")
+  if config.augment != "auto":
+    if config.augment not in transforms.AUGMENTATIONS:
+      raise DataError(f"Unknown config.augment={config.augment!r}; use auto or one of {transforms.AUGMENTATIONS}.")
+    style["augment"] = config.augment
+  return style
+
+
+def get_source(config) -> Source:
+  """The Source for config.dataset; raises DataError when the data is missing or the config is inconsistent."""
+  name, style = config.dataset, transform_style(config)
+  if name == "sklearn_digits":
+    builder = prepare(lambda: SklearnDigits(data_dir=config.data_dir))
   elif name == "imagefolder":
     if not config.data_dir:
       raise DataError("dataset 'imagefolder' needs --config.data_dir=/path/to/root laid out as root/split/label/*.jpg")
     builder = prepare(lambda: LocalImageFolder(config.data_dir, strict=config.get("strict_decode", False)))
-    style = _imagenet_style(config)
   elif name == "imagenet2012":
     builder = tfds.builder(name, data_dir=config.data_dir)
     if not builder.is_prepared():
       root = os.path.dirname(os.path.dirname(builder.data_path))
       raise DataError(_IMAGENET_HELP.format(data_dir=builder.data_dir, root=root,
                                             manual_dir=os.path.join(root, "downloads", "manual")))
-    style = _imagenet_style(config)
-  elif name in ("cifar10", "cifar100"):
+  else:  # cifar10, cifar100
     builder = prepare(lambda: tfds.builder(name, data_dir=config.data_dir))
-    stats = (transforms.CIFAR10_MEAN, transforms.CIFAR10_STD) if name == "cifar10" else (
-        transforms.CIFAR100_MEAN, transforms.CIFAR100_STD)
-    style = dict(augment="cifar", eval_crop_ratio=None, mean=stats[0], std=stats[1])
-  else:
-    raise DataError(f"Unknown dataset {name!r}; config.dataset must be one of {', '.join(DATASETS)}.")
-
-  if config.augment != "auto":
-    if config.augment not in transforms.AUGMENTATIONS:
-      raise DataError(f"Unknown config.augment={config.augment!r}; use auto or one of {transforms.AUGMENTATIONS}.")
-    style["augment"] = config.augment
   return Source(builder=builder,
                 train_split=resolve_split(builder, config.train_split, fallbacks=()),
                 eval_split=resolve_split(builder, config.eval_split, fallbacks=("validation", "val", "test")),
                 **style)
-
-
-def _imagenet_style(config) -> dict:
-  return dict(augment="inception", eval_crop_ratio=config.crop_ratio,
-              mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD)
 
 
 def prepare(make_builder) -> tfds.core.DatasetBuilder:
