@@ -70,6 +70,7 @@ def get_config():
   c.async_checkpointing = True
   c.eval_checkpoint_step = -1     # eval mode: -1 = latest
   c.init_checkpoint = ""          # train: initial weights (fine-tuning); eval/predict: weights to use
+  c.frozen_stages = 0             # fine-tuning: freeze the stem (1) and layer1..layer{k-1} (k); 0 trains all
   c.profile = False               # capture a profiler trace into the workdir (process 0)
   c.profile_first_step = 10
   c.profile_num_steps = 5

@@ -3,7 +3,8 @@
   python main.py --config=configs/imagefolder_finetune.py --workdir=DIR \
       --config.data_dir=/data/flowers --config.init_checkpoint=/ckpt/resnext50_32x4d
 data_dir holds train/<label>/*.jpg and val/<label>/*.jpg. The classifier is re-initialised when the number of
-classes differs from the checkpoint's; everything else starts from the checkpoint. Cosine schedule, 5% warm-up.
+classes differs from the checkpoint's; everything else starts from the checkpoint. The stem stays frozen
+(`--config.frozen_stages=2` freezes layer1 too, 0 trains everything). Cosine schedule, one epoch of warm-up.
 """
 
 from configs import imagenet_resnext50
@@ -15,6 +16,7 @@ def get_config():
   c.train_split = "train"
   c.eval_split = "val"
   c.init_checkpoint = ""
+  c.frozen_stages = 1
   c.batch_size = 64
   c.eval_batch_size = 64
   c.learning_rate = 0.01

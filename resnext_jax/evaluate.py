@@ -60,7 +60,8 @@ def build_model(config, num_classes: int, *, name=None, overrides=None):
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   try:
     return models.create_model(name or config.model, num_classes=num_classes, dtype=dtype,
-                               conv_impl=config.conv_impl, **overrides)
+                               conv_impl=config.conv_impl, frozen_stages=config.get("frozen_stages", 0),
+                               **overrides)
   except ValueError as e:
     raise ConfigError(str(e)) from e
 

@@ -111,6 +111,10 @@ class ResNeXt(nn.Module):
 
   `features=True` returns the stem and stage outputs {'stem', 'layer1', ...}; for the ImageNet stem,
   layer1..layer4 are the C2..C5 maps (strides 4, 8, 16, 32) that detection/segmentation heads use.
+
+  `frozen_stages=k` (fine-tuning) freezes the stem (k >= 1) and layer1..layer{k-1}: their BN layers use the
+  running statistics in training too, and no gradient flows into them (nor is their backward computed);
+  the optimizer leaves their parameters alone (see `stage_index`).
   """
   stage_sizes: Sequence[int]
   cardinality: int = 1
@@ -124,6 +128,7 @@ class ResNeXt(nn.Module):
   conv_impl: str = "auto"
   block_form: str = "grouped"
   zero_init_last_bn: bool = False
+  frozen_stages: int = 0
 
   @nn.compact
   def __call__(self, x, train: bool = False, features: bool = False):
@@ -132,17 +137,23 @@ class ResNeXt(nn.Module):
     branch_conv = functools.partial(BranchConv, impl=self.conv_impl, **precision)
     # torchvision's BatchNorm2d: eps 1e-5, PyTorch momentum 0.1 (= Flax 0.9). Flax keeps the statistics in
     # float32 whatever dtype is; under jit over a sharded batch the batch mean is already global (synced BN).
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             **precision)
-    outputs = {"stem": self._stem(x, conv, norm)}
+    def norm(stage):
+      frozen = stage < self.frozen_stages
+      return functools.partial(nn.BatchNorm, use_running_average=not train or frozen, momentum=0.9,
+                               epsilon=1e-5, **precision)
+
+    def freeze(y, stage):
+      return jax.lax.stop_gradient(y) if stage < self.frozen_stages else y
+
+    outputs = {"stem": freeze(self._stem(x, conv, norm(0)), 0)}
     y = outputs["stem"]
     for i, (num_blocks, planes) in enumerate(zip(self.stage_sizes, self.planes)):
       for j in range(num_blocks):
         y = Bottleneck(planes=planes, strides=2 if i > 0 and j == 0 else 1, cardinality=self.cardinality,
-                       base_width=self.base_width, conv=conv, branch_conv=branch_conv, norm=norm,
+                       base_width=self.base_width, conv=conv, branch_conv=branch_conv, norm=norm(i + 1),
                        block_form=self.block_form, zero_init_last_bn=self.zero_init_last_bn,
                        name=f"layer{i + 1}_{j}")(y)
-      outputs[f"layer{i + 1}"] = y
+      y = outputs[f"layer{i + 1}"] = freeze(y, i + 1)
     if features:
       return outputs
     y = jnp.mean(y, axis=(1, 2))
@@ -200,6 +211,15 @@ _MODELS = {
 _FIELDS = tuple(f.name for f in dataclasses.fields(ResNeXt) if f.name not in ("parent", "name"))
 
 
+def stage_index(module_name):
+  """0 for the stem ('conv1', 'bn1'), i for 'layer{i}_{j}', a large number for the classifier ('fc')."""
+  if module_name in ("conv1", "bn1"):
+    return 0
+  if module_name.startswith("layer"):
+    return int(module_name[len("layer"):].split("_")[0])
+  return 1 << 30
+
+
 def native_image_size(model):
   """The input size a model was designed for: 32 for the CIFAR stem, 224 for ImageNet."""
   return 32 if model.stem == "cifar" else 224
@@ -241,5 +261,8 @@ def _validate(name, kw):
     raise ValueError(f"{name}: num_classes must be >= 1, got {kw['num_classes']}")
   if kw.get("block_form", "grouped") not in BLOCK_FORMS:
     raise ValueError(f"{name}: unknown block_form {kw['block_form']!r}; choose one of {BLOCK_FORMS}")
+  if not 0 <= kw.get("frozen_stages", 0) <= len(stages) + 1:
+    raise ValueError(f"{name}: frozen_stages must be in 0..{len(stages) + 1} (stem + {len(stages)} stages), "
+                     f"got {kw['frozen_stages']}")
   if kw.get("stem", "imagenet") not in ("imagenet", "cifar"):
     raise ValueError(f"{name}: unknown stem {kw['stem']!r}; choose 'imagenet' or 'cifar'")

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from resnext_jax import models
+
 
 class ConfigError(ValueError):
   """An inconsistent or invalid config value; the message names the field."""
@@ -87,16 +89,29 @@ def weight_decay_mask(params, decay_bn_and_bias: bool):
   return jax.tree.map(lambda p: bool(decay_bn_and_bias) or p.ndim > 1, params)
 
 
+def frozen_labels(params, frozen_stages: int):
+  """'frozen' for the parameters of the stem and layer1..layer{frozen_stages-1}, 'train' elsewhere."""
+  return {name: jax.tree.map(lambda _, f=models.stage_index(name) < frozen_stages: "frozen" if f else "train", sub)
+          for name, sub in params.items()}
+
+
 def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """L2 weight decay on the gradient, then SGD with (Nesterov) momentum at the scheduled learning rate."""
+  """L2 weight decay on the gradient, then SGD with (Nesterov) momentum at the scheduled learning rate.
+
+  With config.frozen_stages (fine-tuning), frozen parameters get no update at all: no decay, no momentum.
+  """
   if config.weight_decay < 0 or not 0 <= config.momentum < 1:
     raise ConfigError(f"need weight_decay >= 0 and 0 <= momentum < 1 (got {config.weight_decay}, "
                       f"{config.momentum})")
   decay_all = config.weight_decay_bn_and_bias
-  return optax.chain(
+  tx = optax.chain(
       optax.add_decayed_weights(config.weight_decay, mask=lambda p: weight_decay_mask(p, decay_all)),
       optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov),
   )
+  if config.frozen_stages > 0:
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                               lambda p: frozen_labels(p, config.frozen_stages))
+  return tx
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
