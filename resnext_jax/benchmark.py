@@ -1,25 +1,35 @@
-"""Throughput of the full jitted train step (forward, backward, SGD update) or eval step, after compilation.
+"""Throughput of the training job's own jitted train step (forward, backward, optimizer update, BN statistics,
+metrics) or eval step, after compilation, on synthetic data sharded over every device.
 
     python -m resnext_jax.benchmark --model resnext50_32x4d --batch-size 32 --mode train --steps 3 \
-        [--impl auto] [--dtype bfloat16] [--compare-torch]
+        [--impl auto] [--dtype bfloat16] [--compare-torch] [--config configs/imagenet_resnext50.py]
+
+The recipe (momentum, weight decay, label smoothing, EMA, ...) comes from --config, so the step timed is the
+step `main.py` runs with that config.
 
 The last line printed is one JSON object (model, mode, batch_size, images_per_sec, backend, impl, ...).
-`--compare-torch` times torchvision's model of the same name the same way in the same process (channels_last,
-same batch; SGD step for train, inference_mode for eval; CUDA AMP when --dtype bfloat16 on a GPU) and adds
-`torch_images_per_sec` and `ratio_vs_torch`. torch is imported only then: it is an optional dependency.
+`--compare-torch` then times torchvision's model of the same name the same way in a child process of the same
+run (channels_last, same batch; SGD step for train, inference_mode for eval; CUDA AMP when --dtype bfloat16 on
+a GPU) and adds `torch_images_per_sec` and `ratio_vs_torch`. The child never imports TensorFlow (torch and
+TensorFlow in one process crash) and torch is imported only there: it is an optional dependency.
 """
 
 import argparse
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 import time
 
 import jax
-import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
-import optax
 
 from resnext_jax import conv, models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGENET_TRAIN_EXAMPLES = 1_281_167  # only shapes the learning-rate schedule, which does not change the cost
 
 # One ResNeXt-50 32x4d 224 training image costs about 3 x 8.46 GFLOP (forward + 2x for the backward).
 TRAIN_GFLOP_PER_IMAGE_224 = {"resnext50_32x4d": 25.4}
@@ -35,58 +45,63 @@ def parse_args(argv=None):
   p.add_argument("--impl", choices=conv.IMPLS, default="auto", help="convolution implementation")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
   p.add_argument("--compare-torch", action="store_true")
+  p.add_argument("--config", default=os.path.join(REPO, "configs", "imagenet_resnext50.py"),
+                 help="training config whose recipe the timed step uses")
+  p.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)  # the --compare-torch child
   return p.parse_args(argv)
 
 
-def make_step(model, mode):
-  """The jitted step: SGD-momentum train step with BN statistics update, or the eval forward pass."""
-  tx = optax.sgd(0.1, momentum=0.9)
-
-  def train_step(state, images, labels):
-    params, batch_stats, opt_state = state
-
-    def loss_fn(p):
-      logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, images, train=True,
-                                    mutable=["batch_stats"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates["batch_stats"]
-
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
-
-  def eval_step(state, images, labels):
-    params, batch_stats, _ = state
-    logits = model.apply({"params": params, "batch_stats": batch_stats}, images, train=False)
-    return state, jnp.mean(jnp.argmax(logits, -1) == labels)
-
-  if mode == "train":
-    return jax.jit(train_step, donate_argnums=0), tx
-  return jax.jit(eval_step), tx
+def load_config(path, args):
+  """`path`'s get_config() with the benchmark's model, batch, image size, conv impl and precision."""
+  sys.path.insert(0, REPO)  # config files import `configs.default`, as under main.py
+  spec = importlib.util.spec_from_file_location("benchmark_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.update(model=args.model, batch_size=args.batch_size, eval_batch_size=args.batch_size,
+                image_size=args.image_size, conv_impl=args.impl, half_precision=args.dtype == "bfloat16",
+                grad_accum_steps=1)
+  return config
 
 
-def time_steps(step, state, batch, steps):
-  """Seconds per step, best of `steps` timed runs after one warm-up (compiling) run."""
-  state, out = step(state, *batch)
+def time_steps(run, state, steps):
+  """Seconds per step, best of `steps` timed runs after one warm-up (compiling) run; run(state) -> state, out."""
+  state, out = run(state)
   jax.block_until_ready(out)
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    state, out = step(state, *batch)
+    state, out = run(state)
     jax.block_until_ready(out)
     times.append(time.perf_counter() - start)
   return min(times)
 
 
 def benchmark_jax(args):
-  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  model = models.create_model(args.model, dtype=dtype, conv_impl=args.impl)
+  """images/s of train.compile_train_step or evaluate.compile_eval_step, as the training job builds them."""
+  from resnext_jax import evaluate, optim, train  # they import TensorFlow, which the torch child must not
+
+  config = load_config(args.config, args)
+  mesh = evaluate.make_mesh()
+  evaluate.check_batch_size("--batch-size", args.batch_size, mesh)
+  model = evaluate.build_model(config, models.create_model(args.model).num_classes)
+  image_shape = (args.image_size, args.image_size, 3)
   rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.standard_normal((args.batch_size, args.image_size, args.image_size, 3)), dtype)
-  labels = jnp.asarray(rng.integers(0, model.num_classes, args.batch_size))
-  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images)
-  step, tx = make_step(model, args.mode)
-  state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
-  return args.batch_size / time_steps(step, state, (images, labels), args.steps)
+  batch = jax.device_put({"image": rng.standard_normal((args.batch_size, *image_shape), np.float32),
+                          "label": rng.integers(0, model.num_classes, args.batch_size).astype(np.int32),
+                          "mask": np.ones(args.batch_size, bool)}, NamedSharding(mesh, P("data")))
+  schedule = optim.learning_rate_schedule(config, optim.durations(config, IMAGENET_TRAIN_EXAMPLES))
+  tx = optim.create_optimizer(config, schedule)
+  state, state_sharding = train.create_train_state(config, model, tx, mesh, image_shape)
+  if args.mode == "train":
+    step = train.compile_train_step(config, model, tx, schedule, mesh, state_sharding)
+    run = lambda s: step(s, batch)
+  else:
+    step = evaluate.compile_eval_step(model, mesh)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    run = lambda v: (v, step(v, batch))
+    state = variables
+  return args.batch_size / time_steps(run, state, args.steps)
 
 
 def benchmark_torch(args):
@@ -96,6 +111,8 @@ def benchmark_torch(args):
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.set_num_threads(os.cpu_count())
+  if not hasattr(torchvision.models, args.model):
+    raise SystemExit(f"error: torchvision has no model {args.model!r} to compare with (e.g. resnext50_32x4d)")
   model = getattr(torchvision.models, args.model)().to(device, memory_format=torch.channels_last)
   images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
   images = images.contiguous(memory_format=torch.channels_last)
@@ -128,17 +145,30 @@ def benchmark_torch(args):
   return args.batch_size / min(times)
 
 
+def torch_in_child_process(argv):
+  """benchmark_torch in a fresh process (no JAX threads, no TensorFlow); returns its images/s."""
+  result = subprocess.run([sys.executable, "-m", "resnext_jax.benchmark", *argv, "--torch-only"],
+                          capture_output=True, text=True)
+  if result.returncode != 0:
+    raise SystemExit(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "torch benchmark failed")
+  return json.loads(result.stdout.strip().splitlines()[-1])["torch_images_per_sec"]
+
+
 def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
+  if args.torch_only:
+    print(json.dumps({"torch_images_per_sec": benchmark_torch(args)}))
+    return None
   result = dict(model=args.model, mode=args.mode, batch_size=args.batch_size, image_size=args.image_size,
                 dtype=args.dtype, impl=args.impl, backend=jax.default_backend(),
-                device=jax.devices()[0].device_kind, steps=args.steps)
+                device=jax.devices()[0].device_kind, steps=args.steps, config=os.path.relpath(args.config, REPO))
   result["images_per_sec"] = round(benchmark_jax(args), 3)
   if args.mode == "train" and args.model in TRAIN_GFLOP_PER_IMAGE_224:
     flops = result["images_per_sec"] * TRAIN_GFLOP_PER_IMAGE_224[args.model] * (args.image_size / 224) ** 2
     result["achieved_tflops"] = round(flops / 1e3, 4)
   if args.compare_torch:
-    result["torch_images_per_sec"] = round(benchmark_torch(args), 3)
+    result["torch_images_per_sec"] = round(torch_in_child_process([a for a in argv if a != "--compare-torch"]), 3)
     result["ratio_vs_torch"] = round(result["images_per_sec"] / result["torch_images_per_sec"], 3)
   print(json.dumps(result))
   return result
