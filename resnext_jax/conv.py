@@ -112,6 +112,8 @@ def _concat(ys):
 
 _IMPL_FNS = {"xla": _xla, "blockdiag": _blockdiag, "matmul": _matmul}
 
+HE_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's conv init
+
 
 class Conv(nn.Module):
   """nn.Conv-compatible convolution (explicit padding, optional groups) with a selectable implementation."""
@@ -123,7 +125,7 @@ class Conv(nn.Module):
   use_bias: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  kernel_init: Callable = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+  kernel_init: Callable = HE_FAN_OUT
   bias_init: Callable = nn.initializers.zeros
   impl: str = "auto"
 

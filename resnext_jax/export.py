@@ -46,7 +46,7 @@ def export_saved_model(model, variables, image_shape, path):
   from jax.experimental import jax2tf
 
   module = tf.Module()
-  module.variables_tree = tf.nest.map_structure(tf.Variable, jax.tree.map(lambda a: jax.device_get(a), variables))
+  module.variables_tree = tf.nest.map_structure(tf.Variable, jax.device_get(variables))
   convert = jax2tf.convert(_logits_fn(model), polymorphic_shapes=[None, "(b, ...)"], with_gradient=False)
   module.serve = tf.function(lambda images: {"logits": convert(module.variables_tree, images)},
                              input_signature=[tf.TensorSpec((None, *image_shape), tf.float32, name="images")],

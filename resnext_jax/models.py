@@ -12,12 +12,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnext_jax.conv import Conv, conv_general
+from resnext_jax.conv import HE_FAN_OUT, Conv, conv_general
 
 BLOCK_FORMS = ("grouped", "concat", "split_sum")
 
 
-HE_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's conv init
 # torchvision's nn.Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for the classifier.
 TORCH_LINEAR_KERNEL = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
@@ -133,7 +132,7 @@ class ResNeXt(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, features: bool = False):
     precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    conv = functools.partial(Conv, use_bias=False, kernel_init=HE_FAN_OUT, impl=self.conv_impl, **precision)
+    conv = functools.partial(Conv, use_bias=False, impl=self.conv_impl, **precision)
     branch_conv = functools.partial(BranchConv, impl=self.conv_impl, **precision)
     # torchvision's BatchNorm2d: eps 1e-5, PyTorch momentum 0.1 (= Flax 0.9). Flax keeps the statistics in
     # float32 whatever dtype is; under jit over a sharded batch the batch mean is already global (synced BN).

@@ -4,7 +4,6 @@ same function. All three share one parameter layout, so one set of variables run
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from resnext_jax import models
 

@@ -11,7 +11,6 @@ import jax
 from jax.sharding import Mesh
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from resnext_jax import input_pipeline

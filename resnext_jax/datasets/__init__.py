@@ -6,3 +6,5 @@ Importing this package registers the builders with TFDS (`tfds.builder("sklearn_
 from resnext_jax.datasets.errors import DataError
 from resnext_jax.datasets.image_folder import LocalImageFolder
 from resnext_jax.datasets.sklearn_digits import SklearnDigits
+
+__all__ = ["DataError", "LocalImageFolder", "SklearnDigits"]
