@@ -5,7 +5,8 @@
 
 Forward is the conv alone; 'fwd+bwd' is the conv plus the gradients a train step needs (input and kernel;
 kernel only for the stem, whose input is the image). Prints one line per layer and implementation: the
-best-of-`repeats` milliseconds. These figures choose `auto` in resnext_jax/conv.py (docs/performance.md).
+best-of-`repeats` milliseconds, compiled with the options the training job uses (`conv.compiler_options()`).
+These figures choose `auto` in resnext_jax/conv.py (docs/performance.md).
 """
 
 import argparse
@@ -48,7 +49,8 @@ def jax_fns(layer, impl):
                         impl=impl)
   argnums = (1,) if layer[1] == 3 else (0, 1)          # the stem needs no input gradient
   grads = jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=argnums)
-  return jax.jit(f), jax.jit(grads)
+  options = conv.compiler_options()       # as the training job compiles its steps
+  return jax.jit(f, compiler_options=options), jax.jit(grads, compiler_options=options)
 
 
 def time_jax(layer, impl, batch, repeats):

@@ -14,8 +14,12 @@ only in how XLA is asked to compute it, because XLA's speed depends heavily on t
 - 'matmul': im2col (one shifted slice per tap) and 2D matmuls, per super-group for grouped convs. A 1x1
   conv is then a single matmul, whose backward is two matmuls: on CPU ~6x faster than the conv's.
 - 'auto': per backend and layer shape, from the measurements in docs/performance.md (see `_auto`).
+
+`compiler_options()` holds the XLA:CPU options that the training and eval steps are compiled with; they are
+part of what makes these formulations fast on CPU (see its docstring).
 """
 
+import os
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -34,11 +38,12 @@ def conv_general(x, kernel, strides, padding, groups, impl="auto"):
 
 
 # What 'auto' runs, by (backend, layer kind): the fastest forward+backward per layer in docs/performance.md
-# (benchmarks/conv_layers.py, 2-core CPU). Backends not listed get 'xla': cuDNN / TPU convolutions, the
-# reasonable default there; not measured (no accelerator was available).
+# (benchmarks/conv_layers.py, 2-core CPU, with `compiler_options()`), checked on the whole train step (stride-2
+# grouped convs are faster per layer as 'matmul' but slow the whole step). Backends not listed get 'xla':
+# cuDNN / TPU convolutions, the reasonable default there; not measured (no accelerator was available).
 _AUTO = {
-    ("cpu", "grouped"): "blockdiag",   # e.g. 56x56x128, 32 groups: 0.73 s vs XLA's 36 s fwd+bwd
-    ("cpu", "1x1"): "matmul",          # 56x56 256->128: 0.42 s vs 2.5 s fwd+bwd
+    ("cpu", "grouped"): "blockdiag",   # 28x28x256, 32 groups: 63 ms vs XLA's 10.7 s fwd+bwd
+    ("cpu", "1x1"): "matmul",          # 56x56 256->128: 97 ms vs 490 ms fwd+bwd
     ("cpu", "dense"): "xla",           # the 7x7 stem: im2col costs more than it saves
 }
 
@@ -47,6 +52,26 @@ def _auto(kernel_shape, groups, backend):
   """The implementation `_AUTO` records as fastest for this backend and kind of layer."""
   kind = "grouped" if groups > 1 else "1x1" if tuple(kernel_shape[:2]) == (1, 1) else "dense"
   return _AUTO.get((backend, kind), "xla")
+
+
+# XLA:CPU hands dots, reductions and (by default) convolutions to the YNNPACK library. For this model on CPU,
+# measured on the whole train step (docs/performance.md): YNNPACK's convolutions are slower than XLA's own
+# (Eigen) for the block-diagonal and stem convs, and letting YNNPACK fuse elementwise work into its dots
+# helps; dropping YNNPACK's reductions costs 2x. Same results to float32 rounding (tests/test_conv.py).
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_DOT"}
+
+
+def compiler_options(backend=None):
+  """XLA options for jitting the model's steps on `backend` (default: JAX's): {} except on CPU.
+
+  A choice the user made in XLA_FLAGS for the same option wins (per-executable options would override it).
+  """
+  backend = backend or jax.default_backend()
+  if backend != "cpu":
+    return {}
+  user_flags = os.environ.get("XLA_FLAGS", "")
+  return {k: v for k, v in _CPU_OPTIONS.items() if f"--{k}=" not in user_flags}
 
 
 def _xla(x, kernel, strides, padding, groups):
@@ -69,7 +94,11 @@ def _matmul(x, kernel, strides, padding, groups):
   outs = []
   for xj, kj in zip(jnp.split(x, len(kernels), axis=-1), kernels):
     patches = _im2col(xj, (kh, kw), strides, padding)               # (B, Ho, Wo, kh*kw*cin)
-    outs.append(jnp.dot(patches, kj.reshape(-1, kj.shape[-1])))
+    b, ho, wo, k = patches.shape
+    # A 2D dot, so that autodiff's kernel gradient contracts one dimension (B*Ho*Wo): XLA CPU runs that as a
+    # transposed-operand GEMM, whereas contracting (B, Ho, Wo) first copies dy into a transposed layout.
+    y = jnp.dot(patches.reshape(b * ho * wo, k), kj.reshape(k, kj.shape[-1]))
+    outs.append(y.reshape(b, ho, wo, -1))
   return _concat(outs)
 
 

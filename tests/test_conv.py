@@ -42,12 +42,17 @@ def _conv_fn(case, impl):
 
 @functools.lru_cache(maxsize=None)
 def _results(case, impl, dtype=jnp.float32):
-  """Output, input and kernel gradients of a loss weighting each output differently (a sum hides transposes)."""
+  """Output, input and kernel gradients of a loss weighting each output differently (a sum hides transposes).
+
+  The fast implementations are compiled with the XLA options the train and eval steps use; the native 'xla'
+  reference with XLA's defaults, so that the options themselves are checked too.
+  """
   def forward_and_grads(x, w):
     y, vjp = jax.vjp(_conv_fn(case, impl), x, w)
     cotangent = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape).astype(y.dtype)
     return y, *vjp(cotangent)
-  return jax.jit(forward_and_grads)(*_inputs(case, dtype))
+  options = {} if impl == "xla" else conv.compiler_options()
+  return jax.jit(forward_and_grads, compiler_options=options)(*_inputs(case, dtype))
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
@@ -89,6 +94,31 @@ def test_auto_is_xla_on_accelerators_and_fast_formulations_on_cpu():
   assert conv._auto(grouped, 32, "cpu") == "blockdiag"
   assert conv._auto(dense_1x1, 1, "cpu") == "matmul"
   assert conv._auto(stem, 1, "cpu") == "xla"
+
+
+def test_compiler_options_only_on_cpu_and_user_flags_win(monkeypatch):
+  for backend in ("gpu", "tpu"):
+    assert conv.compiler_options(backend) == {}
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  options = conv.compiler_options("cpu")
+  assert set(options) == {"xla_cpu_experimental_ynn_fusion_type"}
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  assert conv.compiler_options("cpu") == options
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
+  assert conv.compiler_options("cpu") == {}
+
+
+def test_compiler_options_compile_and_reach_xla():
+  """The options parse in this jaxlib (a bad value is a compile error) and change the program: the dense conv
+  leaves YNNPACK for XLA's own convolution, while dots and reductions stay library calls."""
+  case = CASES[3]
+  f = jax.jit(_conv_fn(case, "blockdiag"))
+  x, w = _inputs(case)
+  library_calls = lambda opts: jax.jit(f, compiler_options=opts).lower(x, w).compile().as_text().count(
+      "__ynn_fusion")
+  assert library_calls(conv.compiler_options("cpu")) < library_calls({})
+  with pytest.raises(Exception, match="not a valid enum value"):
+    jax.jit(f, compiler_options={"xla_cpu_experimental_ynn_fusion_type": "nope"}).lower(x, w).compile()
 
 
 def test_supergroups_bound_the_wasted_flops():
