@@ -19,8 +19,11 @@ only in how XLA is asked to compute it, because XLA's speed depends heavily on t
 part of what makes these formulations fast on CPU (see its docstring).
 """
 
+import functools
 import os
 from typing import Any, Callable, Sequence
+
+from absl import logging
 
 import flax.linen as nn
 import jax
@@ -65,13 +68,25 @@ _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
 def compiler_options(backend=None):
   """XLA options for jitting the model's steps on `backend` (default: JAX's): {} except on CPU.
 
-  A choice the user made in XLA_FLAGS for the same option wins (per-executable options would override it).
+  A choice the user made in XLA_FLAGS for the same option wins (per-executable options would override it);
+  a jaxlib that does not know the options (they are experimental) compiles without them.
   """
   backend = backend or jax.default_backend()
-  if backend != "cpu":
+  if backend != "cpu" or not _cpu_options_supported():
     return {}
   user_flags = os.environ.get("XLA_FLAGS", "")
   return {k: v for k, v in _CPU_OPTIONS.items() if f"--{k}=" not in user_flags}
+
+
+@functools.cache
+def _cpu_options_supported():
+  """Whether this jaxlib's XLA:CPU accepts `_CPU_OPTIONS` (one tiny compile, once per process)."""
+  try:
+    jax.jit(lambda x: x + 1, backend="cpu", compiler_options=_CPU_OPTIONS).lower(jnp.zeros(2)).compile()
+    return True
+  except Exception as e:  # pylint: disable=broad-except  # XLA's error type differs across jaxlib versions
+    logging.info("XLA:CPU does not accept %s (%s); compiling with its defaults", _CPU_OPTIONS, e)
+    return False
 
 
 def _xla(x, kernel, strides, padding, groups):

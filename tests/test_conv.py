@@ -108,6 +108,16 @@ def test_compiler_options_only_on_cpu_and_user_flags_win(monkeypatch):
   assert conv.compiler_options("cpu") == {}
 
 
+def test_compiler_options_dropped_where_xla_rejects_them(monkeypatch):
+  """An older jaxlib without the (experimental) option trains with XLA's defaults rather than failing."""
+  monkeypatch.setattr(conv, "_CPU_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"})
+  conv._cpu_options_supported.cache_clear()
+  try:
+    assert conv.compiler_options("cpu") == {}
+  finally:
+    conv._cpu_options_supported.cache_clear()
+
+
 def test_compiler_options_compile_and_reach_xla():
   """The options parse in this jaxlib (a bad value is a compile error) and change the program: the dense conv
   leaves YNNPACK for XLA's own convolution, while dots and reductions stay library calls."""
