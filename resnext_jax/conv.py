@@ -24,7 +24,6 @@ import os
 from typing import Any, Callable, Sequence
 
 from absl import logging
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
