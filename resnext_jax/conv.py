@@ -13,6 +13,9 @@ only in how XLA is asked to compute it, because XLA's speed depends heavily on t
   fast dense (Eigen) convolution, and autodiff of dense convs avoids the grouped backward.
 - 'matmul': im2col (one shifted slice per tap) and 2D matmuls, per super-group for grouped convs. A 1x1
   conv is then a single matmul, whose backward is two matmuls: on CPU ~6x faster than the conv's.
+- 'kernel': grouped convs run as our own CPU kernel (csrc/grouped_conv.cc through XLA's FFI, see
+  conv_kernel.py): the grouped conv itself, no wasted FLOPs, no split or concatenation; forward, input and
+  kernel gradients. Layers it does not cover (dense, in != out channels) run as 'auto' would.
 - 'auto': per backend and layer shape, from the measurements in docs/performance.md (see `_auto`).
 
 `compiler_options()` holds the XLA:CPU options that the training and eval steps are compiled with; they are
@@ -28,7 +31,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "xla", "blockdiag", "matmul")
+from resnext_jax import conv_kernel
+
+IMPLS = ("auto", "xla", "blockdiag", "matmul", "kernel")
 
 def conv_general(x, kernel, strides, padding, groups, impl="auto"):
   """NHWC x HWIO convolution with explicit padding ((top, bottom), (left, right)) and `groups` groups."""
@@ -44,16 +49,24 @@ def conv_general(x, kernel, strides, padding, groups, impl="auto"):
 # grouped convs are faster per layer as 'matmul' but slow the whole step). Backends not listed get 'xla':
 # cuDNN / TPU convolutions, the reasonable default there; not measured (no accelerator was available).
 _AUTO = {
-    ("cpu", "grouped"): "blockdiag",   # 28x28x256, 32 groups: 63 ms vs XLA's 10.7 s fwd+bwd
+    ("cpu", "grouped"): "kernel",      # 56x56x128, 32 groups: 49 ms vs 'blockdiag' 142, XLA's 36 s fwd+bwd
     ("cpu", "1x1"): "matmul",          # 56x56 256->128: 97 ms vs 490 ms fwd+bwd
     ("cpu", "dense"): "xla",           # the 7x7 stem: im2col costs more than it saves
 }
+_KERNEL_FALLBACK = "blockdiag"         # grouped convs where the kernel cannot run (next best on CPU)
 
 
 def _auto(kernel_shape, groups, backend):
-  """The implementation `_AUTO` records as fastest for this backend and kind of layer."""
+  """The implementation `_AUTO` records as fastest for this backend and kind of layer.
+
+  The grouped-conv kernel is used on one device only: it has no partitioning rule, so over a sharded batch
+  XLA would gather the batch onto every device. Several CPU devices (tests, CPU clusters) use the fallback.
+  """
   kind = "grouped" if groups > 1 else "1x1" if tuple(kernel_shape[:2]) == (1, 1) else "dense"
-  return _AUTO.get((backend, kind), "xla")
+  impl = _AUTO.get((backend, kind), "xla")
+  if impl == "kernel" and (jax.device_count() > 1 or not conv_kernel.available()):
+    return _KERNEL_FALLBACK
+  return impl
 
 
 # XLA:CPU hands dots, reductions and (by default) convolutions to the YNNPACK library. For this model on CPU,
@@ -153,7 +166,15 @@ def _concat(ys):
   return ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=-1)
 
 
-_IMPL_FNS = {"xla": _xla, "blockdiag": _blockdiag, "matmul": _matmul}
+def _kernel(x, kernel, strides, padding, groups):
+  """The grouped-conv CPU kernel (conv_kernel.py) where it applies; other layers as 'auto' would run them."""
+  if groups > 1 and conv_kernel.supported(x.shape, kernel.shape, groups, strides, padding):
+    return conv_kernel.grouped_conv(x, kernel, strides, padding)
+  impl = _KERNEL_FALLBACK if groups > 1 else _auto(kernel.shape, groups, "cpu")
+  return _IMPL_FNS[impl](x, kernel, strides, padding, groups)
+
+
+_IMPL_FNS = {"xla": _xla, "blockdiag": _blockdiag, "matmul": _matmul, "kernel": _kernel}
 
 HE_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's conv init
 

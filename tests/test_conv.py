@@ -1,6 +1,9 @@
 """Every convolution implementation equals XLA's native one, in values and gradients, and shares its params."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -9,7 +12,9 @@ import numpy as np
 import pytest
 
 from resnext_jax import conv
+from resnext_jax import conv_kernel
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_IMPLS = [impl for impl in conv.IMPLS if impl != "xla"]
 
 # (kernel, stride, padding, size, in channels, out channels, groups): odd and even sizes, strides 1 and 2,
@@ -20,6 +25,10 @@ CASES = [
     (3, 2, 1, 9, 32, 32, 8),
     (3, 1, 1, 6, 64, 32, 2),
     (3, 2, 1, 7, 64, 64, 8),    # 8 channels per group: several groups per super-group
+    (3, 1, 1, 5, 64, 64, 4),    # 16 and 32 channels per group: the kernel's wide-group path
+    (3, 2, 1, 6, 64, 64, 2),
+    (3, 1, 1, 6, 32, 32, 16),   # 2 and 1 (depthwise) channels per group
+    (3, 2, 1, 5, 16, 16, 16),
     (1, 1, 0, 6, 16, 24, 1),
     (1, 2, 0, 7, 16, 32, 1),
     (7, 2, 3, 10, 3, 8, 1),
@@ -91,7 +100,8 @@ def test_auto_is_xla_on_accelerators_and_fast_formulations_on_cpu():
   grouped, dense_1x1, stem = (3, 3, 4, 128), (1, 1, 256, 64), (7, 7, 3, 64)
   for backend in ("gpu", "tpu"):
     assert {conv._auto(k, g, backend) for k, g in [(grouped, 32), (dense_1x1, 1), (stem, 1)]} == {"xla"}
-  assert conv._auto(grouped, 32, "cpu") == "blockdiag"
+  assert conv_kernel.available()  # this machine (and CI) has a C++ compiler: the kernel must build
+  assert conv._auto(grouped, 32, "cpu") == ("kernel" if jax.device_count() == 1 else "blockdiag")
   assert conv._auto(dense_1x1, 1, "cpu") == "matmul"
   assert conv._auto(stem, 1, "cpu") == "xla"
 
@@ -145,3 +155,75 @@ def test_rejects_unknown_impl_and_bad_groups():
     conv.conv_general(x, jnp.zeros((1, 1, 6, 6)), (1, 1), ((0, 0), (0, 0)), 1, impl="nope")
   with pytest.raises(ValueError, match="must divide"):
     conv.Conv(features=6, feature_group_count=4).init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[-1] > 1], ids=lambda c: "k{}s{}p{}n{}c{}-{}g{}".format(*c))
+def test_kernel_runs_where_it_applies(case):
+  """'kernel' is the custom call for grouped convs with in = out channels (a multiple of 16), forward and both
+  gradients; other layers fall back (so the equality tests above cover the kernel, not the fallback)."""
+  k, _, _, size, cin, cout, groups = case
+  x, w = _inputs(case)
+  hlo = jax.jit(jax.grad(lambda x, w: jnp.sum(_conv_fn(case, "kernel")(x, w) ** 2), (0, 1))).lower(x, w).as_text()
+  applies = cin == cout and cin % 16 == 0
+  assert conv_kernel.supported(x.shape, w.shape, groups, (1, 1), ((1, 1), (1, 1))) == applies
+  for target in ("forward", "input_grad", "kernel_grad"):
+    assert (f"resnext_jax_grouped_conv_{target}" in hlo) == applies, target
+
+
+def test_kernel_on_a_sharded_batch_matches_xla():
+  """Forced onto several devices (auto does not: no partitioning rule), the kernel is still exact."""
+  code = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from resnext_jax import conv, evaluate
+mesh = evaluate.make_mesh()
+x = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((8, 6, 5, 32)), jnp.float32),
+                   NamedSharding(mesh, P("data")))
+w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 4, 32)), jnp.float32)
+loss = lambda w, x, impl: jnp.sum(jnp.sin(conv.conv_general(x, w, (2, 2), ((1, 1), (1, 1)), 8, impl)))
+(a, ga), (b, gb) = [jax.jit(jax.value_and_grad(lambda w, x: loss(w, x, i)))(w, x) for i in ("kernel", "xla")]
+np.testing.assert_allclose(a, b, rtol=1e-5)
+np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-4)
+assert jax.device_count() == 4 and conv._auto(w.shape, 8, "cpu") == "blockdiag"
+print("ok")
+"""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_without_a_compiler_auto_falls_back_and_kernel_says_why(tmp_path):
+  """No C++ compiler: 'auto' uses blockdiag and trains; forcing 'kernel' names the problem."""
+  code = """
+import jax, jax.numpy as jnp
+from resnext_jax import conv, conv_kernel
+assert not conv_kernel.available()
+x, w = jnp.ones((1, 4, 4, 16)), jnp.ones((3, 3, 4, 16))
+assert conv._auto(w.shape, 4, "cpu") == "blockdiag"
+conv.conv_general(x, w, (1, 1), ((1, 1), (1, 1)), 4)
+try:
+  conv.conv_general(x, w, (1, 1), ((1, 1), (1, 1)), 4, impl="kernel")
+except conv_kernel.KernelUnavailable as e:
+  print(e)
+"""
+  env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), RESNEXT_JAX_CACHE=str(tmp_path / "cache"),
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "building the grouped-conv kernel" in result.stdout and "no-such-compiler" in result.stdout
+
+
+def test_damaged_cached_kernel_is_rebuilt(tmp_path):
+  """A truncated library in the cache (a build killed mid-copy, a full disk) is rebuilt, not loaded."""
+  code = """
+import glob, os
+from resnext_jax import conv_kernel
+path = conv_kernel._build()
+open(path, "wb").write(b"not a shared library")
+assert conv_kernel.available()
+assert os.path.getsize(path) > 1000
+print("ok")
+"""
+  env = dict(os.environ, RESNEXT_JAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
