@@ -7,6 +7,9 @@ metrics) or eval step, after compilation, on synthetic data sharded over every d
 The recipe (momentum, weight decay, label smoothing, EMA, ...) comes from --config, so the step timed is the
 step `main.py` runs with that config.
 
+Both processes run with the host-memory setting main.py uses (`--host-malloc retain`, see host_memory.py:
+freed memory is reused rather than faulted in anew every step), or both with glibc's defaults (`system`).
+
 The last line printed is one JSON object (model, mode, batch_size, images_per_sec, backend, impl, ...).
 `--compare-torch` then times torchvision's model of the same name the same way in a child process of the same
 run (channels_last, same batch; SGD step for train, inference_mode for eval; CUDA AMP when --dtype bfloat16 on
@@ -26,7 +29,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from resnext_jax import conv, models
+from resnext_jax import conv, host_memory, models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_TRAIN_EXAMPLES = 1_281_167  # only shapes the learning-rate schedule, which does not change the cost
@@ -45,6 +48,8 @@ def parse_args(argv=None):
   p.add_argument("--impl", choices=conv.IMPLS, default="auto", help="convolution implementation")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
   p.add_argument("--compare-torch", action="store_true")
+  p.add_argument("--host-malloc", choices=("retain", "system"), default="retain",
+                 help="keep freed host memory for reuse (as main.py does) or glibc's defaults; both processes")
   p.add_argument("--config", default=os.path.join(REPO, "configs", "imagenet_resnext50.py"),
                  help="training config whose recipe the timed step uses")
   p.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)  # the --compare-torch child
@@ -157,11 +162,13 @@ def torch_in_child_process(argv):
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
+  if args.host_malloc == "retain":
+    host_memory.retain_freed_memory()  # before JAX (or torch) starts its threads
   if args.torch_only:
     print(json.dumps({"torch_images_per_sec": benchmark_torch(args)}))
     return None
   result = dict(model=args.model, mode=args.mode, batch_size=args.batch_size, image_size=args.image_size,
-                dtype=args.dtype, impl=args.impl, backend=jax.default_backend(),
+                dtype=args.dtype, impl=args.impl, host_malloc=args.host_malloc, backend=jax.default_backend(),
                 device=jax.devices()[0].device_kind, steps=args.steps, config=os.path.relpath(args.config, REPO))
   result["images_per_sec"] = round(benchmark_jax(args), 3)
   if args.mode == "train" and args.model in TRAIN_GFLOP_PER_IMAGE_224:

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnext_jax import pooling
 from resnext_jax.conv import HE_FAN_OUT, Conv, conv_general
 
 BLOCK_FORMS = ("grouped", "concat", "split_sum")
@@ -167,7 +168,7 @@ class ResNeXt(nn.Module):
       return nn.relu(norm(name="bn1")(x))
     x = conv(self.stem_width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name="conv1")(x)
     x = nn.relu(norm(name="bn1")(x))
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    return pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
 
 
 # ---------------------------------------------------------------------------------------------------
