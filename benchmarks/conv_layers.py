@@ -16,7 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from resnext_jax import conv
+from resnext_jax import conv, host_memory
 
 # name: (input size, in channels, out channels, kernel, stride, groups), as in resnext50_32x4d.
 LAYERS = {
@@ -90,6 +90,7 @@ def best_ms_torch(fn, repeats):
 
 
 def main():
+  host_memory.retain_freed_memory()  # as the training job: repeated calls reuse pages (JAX and torch alike)
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--impls", default="xla,blockdiag,matmul")

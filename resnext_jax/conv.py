@@ -15,7 +15,7 @@ only in how XLA is asked to compute it, because XLA's speed depends heavily on t
   conv is then a single matmul, whose backward is two matmuls: on CPU ~6x faster than the conv's.
 - 'kernel': grouped convs run as our own CPU kernel (csrc/grouped_conv.cc through XLA's FFI, see
   conv_kernel.py): the grouped conv itself, no wasted FLOPs, no split or concatenation; forward, input and
-  kernel gradients. Layers it does not cover (dense, in != out channels) run as 'auto' would.
+  kernel gradients. Layers it does not cover (dense, in != out channels, float64) run as 'auto' would.
 - 'auto': per backend and layer shape, from the measurements in docs/performance.md (see `_auto`).
 
 `compiler_options()` holds the XLA:CPU options that the training and eval steps are compiled with; they are
@@ -168,7 +168,7 @@ def _concat(ys):
 
 def _kernel(x, kernel, strides, padding, groups):
   """The grouped-conv CPU kernel (conv_kernel.py) where it applies; other layers as 'auto' would run them."""
-  if groups > 1 and conv_kernel.supported(x.shape, kernel.shape, groups, strides, padding):
+  if groups > 1 and conv_kernel.supported(x.shape, kernel.shape, groups, strides, padding, x.dtype):
     return conv_kernel.grouped_conv(x, kernel, strides, padding)
   impl = _KERNEL_FALLBACK if groups > 1 else _auto(kernel.shape, groups, "cpu")
   return _IMPL_FNS[impl](x, kernel, strides, padding, groups)

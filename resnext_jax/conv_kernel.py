@@ -32,10 +32,12 @@ class KernelUnavailable(RuntimeError):
   """The kernel could not be built or loaded here (the message says why)."""
 
 
-def supported(x_shape, kernel_shape, groups, strides, padding):
-  """Whether the kernel computes this conv: in = out channels, a multiple of 16, group size 1/2/4/8 or 16k."""
-  c, (kh, kw, cg, cout) = x_shape[-1], kernel_shape
+def supported(x_shape, kernel_shape, groups, strides, padding, dtype=jnp.float32):
+  """Whether the kernel computes this conv: in = out channels, a multiple of 16, group size 1/2/4/8 or 16k,
+  and a dtype that float32 arithmetic serves (not float64, whose precision it would lose)."""
+  c, (_, _, cg, cout) = x_shape[-1], kernel_shape
   return (len(x_shape) == 4 and cout == c and c % _LANES == 0 and cg * groups == c
+          and jnp.dtype(dtype).itemsize <= 4 and jnp.issubdtype(dtype, jnp.floating)
           and (cg in (1, 2, 4, 8) or cg % _LANES == 0)
           and min(strides) >= 1 and min(p for pair in padding for p in pair) >= 0)
 
@@ -124,11 +126,12 @@ def grouped_conv(x, kernel, strides, padding):
   if jax.default_backend() != "cpu":
     raise ValueError(f"conv impl 'kernel' is a CPU kernel; on {jax.default_backend()} use 'auto' or 'xla'")
   _load()
-  if not supported(x.shape, kernel.shape, x.shape[-1] // kernel.shape[2], strides, padding):
+  dtype = jnp.result_type(x, kernel)
+  if not supported(x.shape, kernel.shape, x.shape[-1] // kernel.shape[2], strides, padding, dtype):
     raise ValueError(f"the grouped-conv kernel does not support input {x.shape} with kernel {kernel.shape}, "
                      f"strides {strides}, padding {padding}")
   y = _conv(x.astype(jnp.float32), kernel.astype(jnp.float32), tuple(strides), tuple(map(tuple, padding)))
-  return y.astype(jnp.result_type(x, kernel))
+  return y.astype(dtype)
 
 
 def _attrs(strides, padding):
