@@ -20,6 +20,7 @@ STABLEHLO_FILE = "model.stablehlo"
 SAVED_MODEL_DIR = "saved_model"
 META_FILE = "meta.json"
 DEFAULT_PLATFORMS = ("cpu", "cuda")
+PORTABLE_IMPLS = ("xla", "blockdiag", "matmul")  # pure XLA: the artifact runs wherever jax.export's does
 
 
 def _logits_fn(model):
@@ -106,7 +107,9 @@ def main(argv=None):
   parser.add_argument("--saved-model", action="store_true", help="also write a TF SavedModel (jax2tf)")
   parser.add_argument("--ema", action="store_true", help="export the EMA weights")
   parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS), help="lowering targets, e.g. cpu,cuda,tpu")
-  parser.add_argument("--conv-impl", default="xla", help="convolution implementation baked into the artifact")
+  parser.add_argument("--conv-impl", default="xla", choices=PORTABLE_IMPLS,
+                      help="convolution implementation baked into the artifact (not 'kernel', a custom call "
+                      "that exists only where resnext_jax compiled it, nor 'auto', which may pick it)")
   args = parser.parse_args(argv)
   from resnext_jax import checkpoint
   try:

@@ -59,3 +59,12 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 def test_ema_request_without_ema_is_a_clear_error(trained_workdir, tmp_path, capsys):
   assert export.main(["--workdir", str(trained_workdir[0]), "--output", str(tmp_path / "o"), "--ema"]) == 2
   assert "keeps no EMA weights" in capsys.readouterr().err
+
+
+def test_machine_specific_conv_impls_are_refused(trained_workdir, tmp_path, capsys):
+  """'kernel' (a custom call compiled on this machine) and 'auto' (which may pick it) cannot go into an artifact."""
+  for impl in ("kernel", "auto"):
+    with pytest.raises(SystemExit):
+      export.main(["--workdir", str(trained_workdir[0]), "--output", str(tmp_path / "o"), "--conv-impl", impl])
+    assert "invalid choice" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "o")
