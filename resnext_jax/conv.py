@@ -49,7 +49,7 @@ def conv_general(x, kernel, strides, padding, groups, impl="auto"):
 # grouped convs are faster per layer as 'matmul' but slow the whole step). Backends not listed get 'xla':
 # cuDNN / TPU convolutions, the reasonable default there; not measured (no accelerator was available).
 _AUTO = {
-    ("cpu", "grouped"): "kernel",      # 56x56x128, 32 groups: 49 ms vs 'blockdiag' 142, XLA's 36 s fwd+bwd
+    ("cpu", "grouped"): "kernel",      # 56x56x128, 32 groups: 33 ms vs 'blockdiag' 103, XLA's 22 s fwd+bwd
     ("cpu", "1x1"): "matmul",          # 56x56 256->128: 97 ms vs 490 ms fwd+bwd
     ("cpu", "dense"): "xla",           # the 7x7 stem: im2col costs more than it saves
 }

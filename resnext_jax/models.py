@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from resnext_jax import pooling
+from resnext_jax.batchnorm import BatchNorm
 from resnext_jax.conv import HE_FAN_OUT, Conv, conv_general
 
 BLOCK_FORMS = ("grouped", "concat", "split_sum")
@@ -139,7 +140,7 @@ class ResNeXt(nn.Module):
     # float32 whatever dtype is; under jit over a sharded batch the batch mean is already global (synced BN).
     def norm(stage):
       frozen = stage < self.frozen_stages
-      return functools.partial(nn.BatchNorm, use_running_average=not train or frozen, momentum=0.9,
+      return functools.partial(BatchNorm, use_running_average=not train or frozen, momentum=0.9,
                                epsilon=1e-5, **precision)
 
     def freeze(y, stage):
