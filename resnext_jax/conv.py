@@ -57,14 +57,10 @@ _KERNEL_FALLBACK = "blockdiag"         # grouped convs where the kernel cannot r
 
 
 def _auto(kernel_shape, groups, backend):
-  """The implementation `_AUTO` records as fastest for this backend and kind of layer.
-
-  The grouped-conv kernel is used on one device only: it has no partitioning rule, so over a sharded batch
-  XLA would gather the batch onto every device. Several CPU devices (tests, CPU clusters) use the fallback.
-  """
+  """The implementation `_AUTO` records as fastest for this backend and kind of layer."""
   kind = "grouped" if groups > 1 else "1x1" if tuple(kernel_shape[:2]) == (1, 1) else "dense"
   impl = _AUTO.get((backend, kind), "xla")
-  if impl == "kernel" and (jax.device_count() > 1 or not conv_kernel.available()):
+  if impl == "kernel" and not conv_kernel.available():
     return _KERNEL_FALLBACK
   return impl
 

@@ -5,6 +5,7 @@ jaxlib's XLA FFI headers, cached under ~/.cache/resnext_jax (or $RESNEXT_JAX_CAC
 compiler, jaxlib version and CPU, and registered as XLA FFI targets. Building at first use rather than at
 install time keeps `pip install` a pure-Python install and the binary matched to the host CPU and jaxlib. Where
 it cannot be built (no C++ compiler), `available()` is False and conv.py's 'auto' uses 'blockdiag'.
+Each op carries a custom_partitioning rule, so a batch sharded over devices or processes stays sharded.
 """
 
 import ctypes
@@ -21,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "grouped_conv.cc")
 _TARGETS = {"forward": "GroupedConvForward", "input_grad": "GroupedConvInputGrad",
@@ -139,9 +142,74 @@ def _attrs(strides, padding):
               pl=np.int64(padding[1][0]))
 
 
-def _call(name, out_shape, a, b, strides, padding):
+def _ffi(name, out_shape, a, b, strides, padding):
   out = jax.ShapeDtypeStruct(out_shape, jnp.float32)
   return jax.ffi.ffi_call(_target(name), out, vmap_method="sequential")(a, b, **_attrs(strides, padding))
+
+
+# Sharding: every op is independent per image, so a batch sharded over devices stays sharded (each device
+# runs the kernel on its images); the kernel gradient sums its per-device results over the batch's mesh axes.
+# Other dimensions are replicated. Without these rules XLA would gather the whole batch onto every device.
+_RULES = {  # Shardy rule (einsum-like) per op; 'n' is the batch
+    "forward": "n h w c, kh kw i c -> n oh ow c",
+    "input_grad": "n oh ow c, kh kw i c -> n h w c",
+    "kernel_grad": "n h w c, n oh ow c -> kh kw i c",
+}
+
+
+def _factors_in_order(rule, skip):
+  """The rule's factors in order of first appearance (Shardy wants special factors sorted), less `skip`."""
+  seen = []
+  for f in rule.replace(",", " ").replace("->", " ").split():
+    if f != skip and f not in seen:
+      seen.append(f)
+  return tuple(seen)
+
+
+def _batch_axes(arg_shapes):
+  spec = arg_shapes[0].sharding.spec
+  return spec[0] if len(spec) else None
+
+
+def _partitioned(name):
+  """FFI op `name` as a custom_partitioning op: batch-sharded operands, one kernel call per device."""
+  @functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
+  def op(a, b, strides, padding, out_shape):
+    return _ffi(name, out_shape, a, b, strides, padding)
+
+  def shardings(mesh, arg_shapes):
+    batch = _batch_axes(arg_shapes)
+    sharded, replicated = NamedSharding(mesh, P(batch)), NamedSharding(mesh, P())
+    if name == "kernel_grad":               # (x, dy) both per image -> one kernel gradient
+      return batch, replicated, (sharded, sharded)
+    return batch, sharded, (sharded, replicated)
+
+  def partition(strides, padding, out_shape, mesh, arg_shapes, result_shape):
+    del result_shape
+    batch, result, args = shardings(mesh, arg_shapes)
+    def lower(a, b):
+      if name == "kernel_grad":
+        dw = _ffi(name, out_shape, a, b, strides, padding)
+        return dw if batch is None else jax.lax.psum(dw, batch)
+      return _ffi(name, (a.shape[0], *out_shape[1:]), a, b, strides, padding)
+    return mesh, lower, result, args
+
+  def infer(strides, padding, out_shape, mesh, arg_shapes, result_shape):
+    del strides, padding, out_shape, result_shape
+    return shardings(mesh, arg_shapes)[1]
+
+  op.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=_RULES[name],
+                   reduction_factors=("n",) if name == "kernel_grad" else (),
+                   need_replication_factors=_factors_in_order(_RULES[name], skip="n"))
+  return op
+
+
+_OPS = {name: _partitioned(name) for name in _TARGETS}
+
+
+def _call(name, out_shape, a, b, strides, padding):
+  """The FFI op `name` on (a, b) giving `out_shape` (global), partitioned over a sharded batch."""
+  return _OPS[name](a, b, strides, padding, tuple(out_shape))
 
 
 def _out_shape(x_shape, kernel_shape, strides, padding):

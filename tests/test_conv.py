@@ -101,7 +101,7 @@ def test_auto_is_xla_on_accelerators_and_fast_formulations_on_cpu():
   for backend in ("gpu", "tpu"):
     assert {conv._auto(k, g, backend) for k, g in [(grouped, 32), (dense_1x1, 1), (stem, 1)]} == {"xla"}
   assert conv_kernel.available()  # this machine (and CI) has a C++ compiler: the kernel must build
-  assert conv._auto(grouped, 32, "cpu") == ("kernel" if jax.device_count() == 1 else "blockdiag")
+  assert conv._auto(grouped, 32, "cpu") == "kernel"
   assert conv._auto(dense_1x1, 1, "cpu") == "matmul"
   assert conv._auto(stem, 1, "cpu") == "xla"
 
@@ -170,8 +170,9 @@ def test_kernel_runs_where_it_applies(case):
     assert (f"resnext_jax_grouped_conv_{target}" in hlo) == applies, target
 
 
-def test_kernel_on_a_sharded_batch_matches_xla():
-  """Forced onto several devices (auto does not: no partitioning rule), the kernel is still exact."""
+def test_kernel_on_a_sharded_batch_stays_sharded_and_matches_xla():
+  """Batch sharded over 4 devices: one kernel call per device on its images, the kernel gradient summed over
+  devices, no all-gather of activations; values and both gradients equal XLA's."""
   code = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -181,10 +182,14 @@ x = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((8, 6, 5
                    NamedSharding(mesh, P("data")))
 w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 4, 32)), jnp.float32)
 loss = lambda w, x, impl: jnp.sum(jnp.sin(conv.conv_general(x, w, (2, 2), ((1, 1), (1, 1)), 8, impl)))
-(a, ga), (b, gb) = [jax.jit(jax.value_and_grad(lambda w, x: loss(w, x, i)))(w, x) for i in ("kernel", "xla")]
+fns = {i: jax.jit(jax.value_and_grad(lambda w, x, i=i: loss(w, x, i), (0, 1))) for i in ("auto", "xla")}
+(a, (gw, gx)), (b, (hw, hx)) = fns["auto"](w, x), fns["xla"](w, x)
 np.testing.assert_allclose(a, b, rtol=1e-5)
-np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-4)
-assert jax.device_count() == 4 and conv._auto(w.shape, 8, "cpu") == "blockdiag"
+np.testing.assert_allclose(gw, hw, rtol=1e-4, atol=1e-4)
+np.testing.assert_allclose(gx, hx, rtol=1e-4, atol=1e-4)
+assert gx.sharding.spec[0] == "data"
+hlo = fns["auto"].lower(w, x).compile().as_text()
+assert "all-gather" not in hlo and hlo.count("resnext_jax_grouped_conv_") == 3, hlo
 print("ok")
 """
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
