@@ -60,12 +60,9 @@ def _stats(x):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _normalize_core(x, scale, bias, epsilon):
-  mean, var = _stats(x)
-  inv = jax.lax.rsqrt(var + epsilon)
-  f = _compute_dtype(x)
-  y = (x.astype(f) - mean) * (inv * scale.astype(f)) + bias.astype(f)
-  return y.astype(x.dtype), jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+def _normalize(x, scale, bias, epsilon):
+  """(normalised x, batch mean, batch variance); the statistics carry no gradient (running averages)."""
+  return _normalize_fwd(x, scale, bias, epsilon)[0]
 
 
 def _normalize_fwd(x, scale, bias, epsilon):
@@ -80,7 +77,7 @@ def _normalize_bwd(epsilon, residuals, cotangents):
   del epsilon
   x, scale, bias, mean, inv = residuals
   f = _compute_dtype(x)
-  dy = cotangents[0].astype(f)  # the statistics' outputs carry no gradient (running averages)
+  dy = cotangents[0].astype(f)  # cotangents of the statistics are ignored: they feed running averages only
   axes = tuple(range(x.ndim - 1))
   n = x.size // x.shape[-1]
   x_hat = (x.astype(f) - mean) * inv
@@ -91,8 +88,4 @@ def _normalize_bwd(epsilon, residuals, cotangents):
   return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
-_normalize_core.defvjp(_normalize_fwd, _normalize_bwd)
-
-
-def _normalize(x, scale, bias, epsilon):
-  return _normalize_core(x, scale, bias, epsilon)
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)

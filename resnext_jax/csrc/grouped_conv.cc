@@ -119,31 +119,33 @@ void tile_big(const Tap* taps, int ntaps, int64_t cg, int64_t in_step, float* ou
   for (int t = 0; t < T; ++t) store(out + t * out_step, acc[t]);
 }
 
+// The tile kernels behind one interface, so that `tiles` can run either with any tile width.
 template <int CG>
-constexpr int kTileSmall = 8;
-constexpr int kTileBig = 14;
-
-template <int CG, int T = kTileSmall<CG>>
-void tiles_small(int64_t count, Tap* taps, int ntaps, int64_t in_step, float* out, int64_t out_step) {
-  if constexpr (T > 0) {
-    for (; count >= T; count -= T) {
-      tile_small<CG, T>(taps, ntaps, in_step, out, out_step);
-      for (int k = 0; k < ntaps; ++k) taps[k].in += T * in_step;
-      out += T * out_step;
-    }
-    if (count > 0) tiles_small<CG, T - 1>(count, taps, ntaps, in_step, out, out_step);
+struct SmallGroups {
+  static constexpr int kTile = 8;
+  template <int T>
+  static void tile(const Tap* taps, int ntaps, int64_t, int64_t in_step, float* out, int64_t out_step) {
+    tile_small<CG, T>(taps, ntaps, in_step, out, out_step);
   }
-}
+};
+struct WideGroups {
+  static constexpr int kTile = 14;
+  template <int T>
+  static void tile(const Tap* taps, int ntaps, int64_t cg, int64_t in_step, float* out, int64_t out_step) {
+    tile_big<T>(taps, ntaps, cg, in_step, out, out_step);
+  }
+};
 
-template <int T = kTileBig>
-void tiles_big(int64_t count, Tap* taps, int ntaps, int64_t cg, int64_t in_step, float* out, int64_t out_step) {
+// `count` output pixels: full tiles of T, then the remainder with the next narrower tile.
+template <class Groups, int T = Groups::kTile>
+void tiles(int64_t count, Tap* taps, int ntaps, int64_t cg, int64_t in_step, float* out, int64_t out_step) {
   if constexpr (T > 0) {
     for (; count >= T; count -= T) {
-      tile_big<T>(taps, ntaps, cg, in_step, out, out_step);
+      Groups::template tile<T>(taps, ntaps, cg, in_step, out, out_step);
       for (int k = 0; k < ntaps; ++k) taps[k].in += T * in_step;
       out += T * out_step;
     }
-    if (count > 0) tiles_big<T - 1>(count, taps, ntaps, cg, in_step, out, out_step);
+    if (count > 0) tiles<Groups, T - 1>(count, taps, ntaps, cg, in_step, out, out_step);
   }
 }
 
@@ -227,11 +229,11 @@ void run_segment(const Geom& g, const float* in, const float* w, float* out, con
                w + offsets[seg.tap_begin + k].w + b * g.kh * g.kw * g.cg * kLanes};
   float* o = out + seg.out + b * kLanes;
   switch (g.cg) {
-    case 1: tiles_small<1>(seg.count, taps, ntaps, seg.in_step, o, seg.out_step); break;
-    case 2: tiles_small<2>(seg.count, taps, ntaps, seg.in_step, o, seg.out_step); break;
-    case 4: tiles_small<4>(seg.count, taps, ntaps, seg.in_step, o, seg.out_step); break;
-    case 8: tiles_small<8>(seg.count, taps, ntaps, seg.in_step, o, seg.out_step); break;
-    default: tiles_big(seg.count, taps, ntaps, g.cg, seg.in_step, o, seg.out_step);
+    case 1: tiles<SmallGroups<1>>(seg.count, taps, ntaps, g.cg, seg.in_step, o, seg.out_step); break;
+    case 2: tiles<SmallGroups<2>>(seg.count, taps, ntaps, g.cg, seg.in_step, o, seg.out_step); break;
+    case 4: tiles<SmallGroups<4>>(seg.count, taps, ntaps, g.cg, seg.in_step, o, seg.out_step); break;
+    case 8: tiles<SmallGroups<8>>(seg.count, taps, ntaps, g.cg, seg.in_step, o, seg.out_step); break;
+    default: tiles<WideGroups>(seg.count, taps, ntaps, g.cg, seg.in_step, o, seg.out_step);
   }
 }
 
@@ -370,47 +372,40 @@ ffi::Error make_geom(ffi::Span<const int64_t> in, ffi::Span<const int64_t> out, 
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
-  Geom g;
-  ffi::Error e = make_geom(x.dimensions(), y->dimensions(), w.dimensions(), sh, sw, pt, pl, false, &g);
-  if (e.failure()) return e;
-  gather_conv(pool, g, x.typed_data(), w.typed_data(), y->typed_data());
-  return ffi::Error::Success();
-}
+enum class Op { kForward, kInputGrad, kKernelGrad };
 
-// dx from dy and the per-group transposed kernel; sh..pl are the forward convolution's.
-ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w_t,
-                     ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+// One handler for the three ops: (a, b) -> out is (x, w) -> y, (dy, w_t) -> dx or (x, dy) -> dw, where
+// w_t is the per-group transposed kernel and sh..pl are always the forward convolution's.
+template <Op op>
+ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+               ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+  constexpr bool kernel_grad = op == Op::kKernelGrad;
   Geom g;
-  ffi::Error e = make_geom(dy.dimensions(), dx->dimensions(), w_t.dimensions(), sh, sw, pt, pl, true, &g);
+  ffi::Error e = make_geom(a.dimensions(), kernel_grad ? b.dimensions() : out->dimensions(),
+                           kernel_grad ? out->dimensions() : b.dimensions(), sh, sw, pt, pl,
+                           op == Op::kInputGrad, &g);
   if (e.failure()) return e;
-  gather_conv(pool, g, dy.typed_data(), w_t.typed_data(), dx->typed_data());
-  return ffi::Error::Success();
-}
-
-ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                      ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
-  Geom g;
-  ffi::Error e = make_geom(x.dimensions(), dy.dimensions(), dw->dimensions(), sh, sw, pt, pl, false, &g);
-  if (e.failure()) return e;
-  wgrad(pool, g, x.typed_data(), dy.typed_data(), dw->typed_data());
+  if constexpr (kernel_grad) {
+    wgrad(pool, g, a.typed_data(), b.typed_data(), out->typed_data());
+  } else {
+    gather_conv(pool, g, a.typed_data(), b.typed_data(), out->typed_data());
+  }
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-#define BIND_CONV(arg0, arg1)                                 \
-  ffi::Ffi::Bind()                                            \
-      .Ctx<ffi::ThreadPool>()                                 \
-      .Arg<ffi::Buffer<ffi::F32>>()                           \
-      .Arg<ffi::Buffer<ffi::F32>>()                           \
-      .Ret<ffi::Buffer<ffi::F32>>()                           \
-      .Attr<int64_t>("sh")                                    \
-      .Attr<int64_t>("sw")                                    \
-      .Attr<int64_t>("pt")                                    \
+#define BIND_CONV                       \
+  ffi::Ffi::Bind()                      \
+      .Ctx<ffi::ThreadPool>()           \
+      .Arg<ffi::Buffer<ffi::F32>>()     \
+      .Arg<ffi::Buffer<ffi::F32>>()     \
+      .Ret<ffi::Buffer<ffi::F32>>()     \
+      .Attr<int64_t>("sh")              \
+      .Attr<int64_t>("sw")              \
+      .Attr<int64_t>("pt")              \
       .Attr<int64_t>("pl")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvForward, Forward, BIND_CONV(x, w));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvInputGrad, InputGrad, BIND_CONV(dy, w_t));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvKernelGrad, KernelGrad, BIND_CONV(x, dy));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvForward, Run<Op::kForward>, BIND_CONV);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvInputGrad, Run<Op::kInputGrad>, BIND_CONV);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvKernelGrad, Run<Op::kKernelGrad>, BIND_CONV);
