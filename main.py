@@ -53,9 +53,9 @@ def main(argv):
     from resnext_jax import host_memory  # pylint: disable=g-import-not-at-top
     host_memory.retain_freed_memory()    # before JAX and TensorFlow start their threads
   from resnext_jax import (  # pylint: disable=g-import-not-at-top
-      checkpoint, conv_kernel, evaluate, input_pipeline, optim, predict, train)
+      checkpoint, cpu_kernels, evaluate, input_pipeline, optim, predict, train)
   user_errors = (optim.ConfigError, checkpoint.CheckpointError, input_pipeline.DataError, train.TrainingError,
-                 conv_kernel.KernelUnavailable)
+                 cpu_kernels.KernelUnavailable)
   try:
     _initialize_distributed()
     if FLAGS.mode == "train":

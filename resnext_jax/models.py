@@ -82,16 +82,15 @@ class Bottleneck(nn.Module):
     out_features = self.planes * self.expansion
     s = (self.strides, self.strides)
     residual = x
-    y = nn.relu(self.norm(name="bn1")(self.conv(width, (1, 1), name="conv1")(x)))
+    y = self.norm(name="bn1")(self.conv(width, (1, 1), name="conv1")(x), relu=True)
     y = self._grouped_3x3(width, s)(y)
-    y = nn.relu(self.norm(name="bn2")(y))
+    y = self.norm(name="bn2")(y, relu=True)
     y = self._last_1x1(out_features)(y)
-    last_bn_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
-    y = self.norm(name="bn3", scale_init=last_bn_init)(y)
     if self.strides != 1 or x.shape[-1] != out_features:
       residual = self.conv(out_features, (1, 1), strides=s, name="downsample_0")(x)
       residual = self.norm(name="downsample_1")(residual)
-    return nn.relu(y + residual)
+    last_bn_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
+    return self.norm(name="bn3", scale_init=last_bn_init)(y, shortcut=residual, relu=True)  # relu(bn3(y) + res)
 
   def _grouped_3x3(self, width, strides):
     kw = dict(features=width, kernel_size=(3, 3), strides=strides, padding=((1, 1), (1, 1)), name="conv2")
@@ -138,10 +137,14 @@ class ResNeXt(nn.Module):
     branch_conv = functools.partial(BranchConv, impl=self.conv_impl, **precision)
     # torchvision's BatchNorm2d: eps 1e-5, PyTorch momentum 0.1 (= Flax 0.9). Flax keeps the statistics in
     # float32 whatever dtype is; under jit over a sharded batch the batch mean is already global (synced BN).
+    # Batch norm runs on our CPU kernels where the convolutions may ('auto', 'kernel'); a portable conv impl
+    # ('xla', 'blockdiag', 'matmul') keeps the whole model in XLA's own ops (see export.py).
+    norm_impl = "auto" if self.conv_impl in ("auto", "kernel") else "xla"
+
     def norm(stage):
       frozen = stage < self.frozen_stages
       return functools.partial(BatchNorm, use_running_average=not train or frozen, momentum=0.9,
-                               epsilon=1e-5, **precision)
+                               epsilon=1e-5, impl=norm_impl, **precision)
 
     def freeze(y, stage):
       return jax.lax.stop_gradient(y) if stage < self.frozen_stages else y
@@ -166,9 +169,9 @@ class ResNeXt(nn.Module):
     x = x.astype(self.dtype)
     if self.stem == "cifar":
       x = conv(self.stem_width, (3, 3), padding=((1, 1), (1, 1)), name="conv1")(x)
-      return nn.relu(norm(name="bn1")(x))
+      return norm(name="bn1")(x, relu=True)
     x = conv(self.stem_width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name="conv1")(x)
-    x = nn.relu(norm(name="bn1")(x))
+    x = norm(name="bn1")(x, relu=True)
     return pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
 
 

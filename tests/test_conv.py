@@ -215,17 +215,17 @@ except conv_kernel.KernelUnavailable as e:
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "building the grouped-conv kernel" in result.stdout and "no-such-compiler" in result.stdout
+  assert "building the CPU kernels" in result.stdout and "no-such-compiler" in result.stdout
 
 
 def test_damaged_cached_kernel_is_rebuilt(tmp_path):
   """A truncated library in the cache (a build killed mid-copy, a full disk) is rebuilt, not loaded."""
   code = """
 import glob, os
-from resnext_jax import conv_kernel
-path = conv_kernel._build()
+from resnext_jax import cpu_kernels
+path = cpu_kernels.build()
 open(path, "wb").write(b"not a shared library")
-assert conv_kernel.available()
+assert cpu_kernels.available()
 assert os.path.getsize(path) > 1000
 print("ok")
 """

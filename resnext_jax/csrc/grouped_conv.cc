@@ -15,16 +15,15 @@
 // reduces x * dy over pixels in registers. Work is split over XLA's intra-op thread pool.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using resnext_jax::parallel_for;
 
 namespace {
 
@@ -50,33 +49,6 @@ inline v16 group_bcast(v16 v, int ci) {
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 inline int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
 inline int64_t pos_mod(int64_t a, int64_t b) { return ((a % b) + b) % b; }
-
-// Runs body(begin, end) over [0, n) on the caller and XLA's intra-op pool. Work is claimed from a shared
-// counter, so the caller never waits on a task that has not started (no deadlock when it is itself a pool
-// thread); tasks that start late find nothing left and touch nothing but the shared counters.
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t chunks, const F& body) {
-  chunks = std::max<int64_t>(1, std::min(n, chunks));
-  int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), chunks) - 1;
-  if (helpers <= 0) {
-    body(0, n);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
-  const F* f = &body;
-  auto run = [state, f, n, chunks] {
-    for (int64_t i; (i = state->next.fetch_add(1)) < chunks;) {
-      (*f)(i * n / chunks, (i + 1) * n / chunks);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([run] { run(); });
-  run();
-  while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
-}
 
 // Geometry of a gather-convolution out[n, r, c] = sum over taps of in[n, ir, ic] mixed by the tap's weights.
 // Forward: ir = r*sh - pt + kh. Input gradient (transposed): ir = (r + pt - kh) / sh where that divides.
