@@ -37,6 +37,8 @@ TARGETS = {
     "BatchNormApply": "resnext_jax_batch_norm_apply",
     "BatchNormGradStats": "resnext_jax_batch_norm_grad_stats",
     "BatchNormGradApply": "resnext_jax_batch_norm_grad_apply",
+    "MaxPoolForward": "resnext_jax_max_pool_forward",
+    "MaxPoolBackward": "resnext_jax_max_pool_backward",
 }
 
 

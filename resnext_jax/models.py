@@ -137,14 +137,10 @@ class ResNeXt(nn.Module):
     branch_conv = functools.partial(BranchConv, impl=self.conv_impl, **precision)
     # torchvision's BatchNorm2d: eps 1e-5, PyTorch momentum 0.1 (= Flax 0.9). Flax keeps the statistics in
     # float32 whatever dtype is; under jit over a sharded batch the batch mean is already global (synced BN).
-    # Batch norm runs on our CPU kernels where the convolutions may ('auto', 'kernel'); a portable conv impl
-    # ('xla', 'blockdiag', 'matmul') keeps the whole model in XLA's own ops (see export.py).
-    norm_impl = "auto" if self.conv_impl in ("auto", "kernel") else "xla"
-
     def norm(stage):
       frozen = stage < self.frozen_stages
       return functools.partial(BatchNorm, use_running_average=not train or frozen, momentum=0.9,
-                               epsilon=1e-5, impl=norm_impl, **precision)
+                               epsilon=1e-5, impl=self._kernel_impl(), **precision)
 
     def freeze(y, stage):
       return jax.lax.stop_gradient(y) if stage < self.frozen_stages else y
@@ -165,6 +161,11 @@ class ResNeXt(nn.Module):
                  name="fc", **precision)(y)
     return y.astype(jnp.promote_types(self.dtype, jnp.float32))  # logits: float32 at least
 
+  def _kernel_impl(self):
+    """Batch norm and max pooling run on our CPU kernels where the convolutions may ('auto', 'kernel'); a
+    portable conv impl ('xla', 'blockdiag', 'matmul') keeps the whole model in XLA's ops (see export.py)."""
+    return "auto" if self.conv_impl in ("auto", "kernel") else "xla"
+
   def _stem(self, x, conv, norm):
     x = x.astype(self.dtype)
     if self.stem == "cifar":
@@ -172,7 +173,7 @@ class ResNeXt(nn.Module):
       return norm(name="bn1")(x, relu=True)
     x = conv(self.stem_width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name="conv1")(x)
     x = norm(name="bn1")(x, relu=True)
-    return pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    return pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), impl=self._kernel_impl())
 
 
 # ---------------------------------------------------------------------------------------------------

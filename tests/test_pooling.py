@@ -43,3 +43,24 @@ def test_bfloat16():
   y, vjp = jax.vjp(lambda x: pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1))), x)
   assert y.dtype == jnp.bfloat16 and vjp(jnp.ones_like(y))[0].dtype == jnp.bfloat16
   np.testing.assert_array_equal(y, nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))))
+
+
+@pytest.mark.parametrize("channels", [5, 48])  # the kernel's scalar path; 16-channel vectors and a tail
+def test_cpu_kernel_equals_xla_formulation(channels):
+  """impl 'auto' on CPU is our kernel (a custom call); same values and gradient as 'xla', ties included."""
+  x = jnp.round(jax.random.normal(jax.random.key(3), (3, 11, 10, channels)) * 2) / 2  # many ties
+  results = {}
+  for impl in ("auto", "xla"):
+    f = jax.jit(lambda x, impl=impl: pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), impl=impl))
+    y, vjp = jax.vjp(f, x)
+    dx = vjp(jax.random.normal(jax.random.key(4), y.shape))[0]
+    hlo = jax.jit(jax.grad(lambda x: jnp.vdot(f(x), y))).lower(x).compile().as_text()
+    assert ("resnext_jax_max_pool_forward" in hlo and "resnext_jax_max_pool_backward" in hlo) == (impl == "auto")
+    results[impl] = (y, dx)
+  np.testing.assert_array_equal(results["auto"][0], results["xla"][0])
+  np.testing.assert_allclose(results["auto"][1], results["xla"][1], rtol=1e-6, atol=1e-6)
+
+
+def test_rejects_unknown_impl():
+  with pytest.raises(ValueError, match="unknown max-pool impl"):
+    pooling.max_pool(jnp.zeros((1, 4, 4, 1)), (3, 3), (2, 2), ((1, 1), (1, 1)), impl="nope")
