@@ -87,12 +87,13 @@ def _kernel_op(name, out_rest, window, strides, padding):
   if name == "forward":
     def call(x):
       out = jax.ShapeDtypeStruct((x.shape[0], *out_rest), jnp.float32)
-      return jax.ffi.ffi_call(cpu_kernels.TARGETS["MaxPoolForward"], out)(x, **attrs)
+      return jax.ffi.ffi_call(cpu_kernels.TARGETS["MaxPoolForward"], out, vmap_method="sequential")(x, **attrs)
     return cpu_kernels.batch_partitioned(call, "n h w c -> n oh ow c", 1)
 
   def call_backward(x, y, g):
     out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
-    return jax.ffi.ffi_call(cpu_kernels.TARGETS["MaxPoolBackward"], out)(x, y, g, **attrs)
+    return jax.ffi.ffi_call(cpu_kernels.TARGETS["MaxPoolBackward"], out, vmap_method="sequential")(
+        x, y, g, **attrs)
   return cpu_kernels.batch_partitioned(call_backward, "n h w c, n oh ow c, n oh ow c -> n h w c", 3)
 
 
