@@ -47,27 +47,24 @@ def _attrs(strides, padding):
 
 # Every op is independent per image, so a batch sharded over devices stays sharded (each device runs the
 # kernel on its images); the kernel gradient sums its per-device results over the batch's mesh axes.
-_RULES = {  # Shardy rule (einsum-like) per op; 'n' is the batch
-    "forward": "n h w c, kh kw i c -> n oh ow c",
-    "input_grad": "n oh ow c, kh kw i c -> n h w c",
-    "kernel_grad": "n h w c, n oh ow c -> kh kw i c",
+_OPS = {  # op: (FFI handler symbol, Shardy rule (einsum-like; 'n' is the batch), operands sharded on the batch)
+    "forward": ("GroupedConvForward", "n h w c, kh kw i c -> n oh ow c", 1),
+    "input_grad": ("GroupedConvInputGrad", "n oh ow c, kh kw i c -> n h w c", 1),
+    "kernel_grad": ("GroupedConvKernelGrad", "n h w c, n oh ow c -> kh kw i c", 2),
 }
-_BATCHED_OPERANDS = {"forward": 1, "input_grad": 1, "kernel_grad": 2}
-_SYMBOLS = {"forward": "GroupedConvForward", "input_grad": "GroupedConvInputGrad",
-            "kernel_grad": "GroupedConvKernelGrad"}
 
 
 @functools.cache
 def _op(name, out_shape, strides, padding):
   """FFI op `name` giving `out_shape` (global) as a batch-partitioned op."""
-  target = cpu_kernels.TARGETS[_SYMBOLS[name]]
+  symbol, rule, batched = _OPS[name]
+  target = cpu_kernels.TARGETS[symbol]
 
   def call(a, b):
     shape = out_shape if name == "kernel_grad" else (a.shape[0], *out_shape[1:])  # a device's share
     out = jax.ShapeDtypeStruct(shape, jnp.float32)
     return jax.ffi.ffi_call(target, out, vmap_method="sequential")(a, b, **_attrs(strides, padding))
-  return cpu_kernels.batch_partitioned(call, _RULES[name], _BATCHED_OPERANDS[name],
-                                       reduce_batch=name == "kernel_grad")
+  return cpu_kernels.batch_partitioned(call, rule, batched, reduce_batch=name == "kernel_grad")
 
 
 def _call(name, out_shape, a, b, strides, padding):

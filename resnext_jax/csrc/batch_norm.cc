@@ -13,45 +13,25 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <string>
 #include <vector>
 
 #include "parallel.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using resnext_jax::chunks_for;
-using resnext_jax::parallel_for;
+using namespace resnext_jax;  // NOLINT: parallel.h and vec.h helpers
 
 namespace {
 
 constexpr int64_t kBlockRows = 64;
-constexpr int64_t kLanes = 16;
-typedef float v16 __attribute__((vector_size(64)));
 
-// Loads, stores and the two nonlinear steps for one float or 16 channels (v16), so that each op's
-// arithmetic is written once and `for_channels` runs it 16 channels at a time with a scalar tail.
-inline float load(const float* p, float) { return *p; }
-inline v16 load(const float* p, v16) {
-  v16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store(float* p, float v) { *p = v; }
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+// The two nonlinear steps, for one float or 16 channels (see vec.h).
 inline float relu(float v) { return v > 0.f ? v : 0.f; }
 inline v16 relu(v16 v) { return v > 0.f ? v : v16{}; }
 inline float where_positive(float y, float g) { return y > 0.f ? g : 0.f; }
 inline v16 where_positive(v16 y, v16 g) { return y > 0.f ? g : v16{}; }
-
-// body(j, T{}) for channel j with T = v16 (channels j..j+15) or float (the tail).
-template <typename F>
-inline void for_channels(int64_t c, const F& body) {
-  int64_t j = 0;
-  for (; j + kLanes <= c; j += kLanes) body(j, v16{});
-  for (; j < c; ++j) body(j, 0.f);
-}
 
 struct Shape {
   int64_t m, c;

@@ -20,24 +20,13 @@
 #include <vector>
 
 #include "parallel.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using resnext_jax::chunks_for;
-using resnext_jax::parallel_for;
+using namespace resnext_jax;  // NOLINT: parallel.h and vec.h helpers
 
 namespace {
-
-constexpr int kLanes = 16;
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t i16 __attribute__((vector_size(64)));
-
-inline v16 load(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
 
 // Lane l of the result is lane (l / CG) * CG + ci of v: channel ci of the lane's own group.
 template <int CG>

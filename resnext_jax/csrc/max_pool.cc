@@ -8,30 +8,18 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 
 #include "parallel.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using resnext_jax::chunks_for;
-using resnext_jax::parallel_for;
+using namespace resnext_jax;  // NOLINT: parallel.h and vec.h helpers
 
 namespace {
 
-constexpr int64_t kLanes = 16;
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t i16 __attribute__((vector_size(64)));
-
-inline float load(const float* p, float) { return *p; }
-inline v16 load(const float* p, v16) {
-  v16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store(float* p, float v) { *p = v; }
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+// Steps of the pool for one float or 16 channels (see vec.h).
 inline float vmax(float a, float b) { return a > b ? a : b; }
 inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
 inline float splat(float v, float) { return v; }
@@ -51,13 +39,6 @@ inline float masked(bool m, float g) { return m ? g : 0.f; }
 inline v16 masked(i16 m, v16 g) { return m ? g : v16{}; }
 inline bool no_lanes(float) { return false; }
 inline i16 no_lanes(v16) { return i16{}; }
-
-template <typename F>
-inline void for_channels(int64_t c, const F& body) {
-  int64_t j = 0;
-  for (; j + kLanes <= c; j += kLanes) body(j, v16{});
-  for (; j < c; ++j) body(j, 0.f);
-}
 
 struct Pool {
   int64_t n, h, w, ho, wo, c, kh, kw, sh, sw, pt, pl;
