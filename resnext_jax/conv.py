@@ -13,9 +13,11 @@ only in how XLA is asked to compute it, because XLA's speed depends heavily on t
   fast dense (Eigen) convolution, and autodiff of dense convs avoids the grouped backward.
 - 'matmul': im2col (one shifted slice per tap) and 2D matmuls, per super-group for grouped convs. A 1x1
   conv is then a single matmul, whose backward is two matmuls: on CPU ~6x faster than the conv's.
-- 'kernel': grouped convs run as our own CPU kernel (csrc/grouped_conv.cc through XLA's FFI, see
-  conv_kernel.py): the grouped conv itself, no wasted FLOPs, no split or concatenation; forward, input and
-  kernel gradients. Layers it does not cover (dense, in != out channels, float64) run as 'auto' would.
+- 'kernel': our own CPU kernels through XLA's FFI: grouped convs (csrc/grouped_conv.cc, conv_kernel.py), the
+  grouped conv itself with no wasted FLOPs, no split or concatenation; and 1x1 convs (csrc/matmul.cc,
+  matmul_kernel.py), a register-blocked GEMM faster than the YNNPACK dots XLA calls. Forward, input and
+  kernel gradients. Layers they do not cover (the stem, channels not multiples of 16, float64) run as 'auto'
+  would without them.
 - 'auto': per backend and layer shape, from the measurements in docs/performance.md (see `_auto`).
 
 `compiler_options()` holds the XLA:CPU options that the training and eval steps are compiled with; they are
@@ -31,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnext_jax import conv_kernel
+from resnext_jax import conv_kernel, matmul_kernel
 
 IMPLS = ("auto", "xla", "blockdiag", "matmul", "kernel")
 
@@ -50,18 +52,23 @@ def conv_general(x, kernel, strides, padding, groups, impl="auto"):
 # cuDNN / TPU convolutions, the reasonable default there; not measured (no accelerator was available).
 _AUTO = {
     ("cpu", "grouped"): "kernel",      # 56x56x128, 32 groups: 33 ms vs 'blockdiag' 103, XLA's 22 s fwd+bwd
-    ("cpu", "1x1"): "matmul",          # 56x56 256->128: 97 ms vs 490 ms fwd+bwd
+    ("cpu", "1x1"): "kernel",          # our GEMM; 'matmul' (XLA's dot, 56x56 256->128: 97 ms vs 490 fwd+bwd) where
+                                       # the kernel cannot run
     ("cpu", "dense"): "xla",           # the 7x7 stem: im2col costs more than it saves
 }
-_KERNEL_FALLBACK = "blockdiag"         # grouped convs where the kernel cannot run (next best on CPU)
+_KERNEL_FALLBACK = {"grouped": "blockdiag", "1x1": "matmul"}  # where the kernels cannot run: next best on CPU
+
+
+def _kind(kernel_shape, groups):
+  return "grouped" if groups > 1 else "1x1" if tuple(kernel_shape[:2]) == (1, 1) else "dense"
 
 
 def _auto(kernel_shape, groups, backend):
   """The implementation `_AUTO` records as fastest for this backend and kind of layer."""
-  kind = "grouped" if groups > 1 else "1x1" if tuple(kernel_shape[:2]) == (1, 1) else "dense"
+  kind = _kind(kernel_shape, groups)
   impl = _AUTO.get((backend, kind), "xla")
   if impl == "kernel" and not conv_kernel.available():
-    return _KERNEL_FALLBACK
+    return _KERNEL_FALLBACK[kind]
   return impl
 
 
@@ -163,10 +170,14 @@ def _concat(ys):
 
 
 def _kernel(x, kernel, strides, padding, groups):
-  """The grouped-conv CPU kernel (conv_kernel.py) where it applies; other layers as 'auto' would run them."""
-  if groups > 1 and conv_kernel.supported(x.shape, kernel.shape, groups, strides, padding, x.dtype):
+  """Our CPU kernels where they apply: grouped convs (conv_kernel.py) and 1x1 convs (matmul_kernel.py).
+  Other layers, and shapes the kernels do not cover, run as 'auto' would without them."""
+  kind = _kind(kernel.shape, groups)
+  if kind == "grouped" and conv_kernel.supported(x.shape, kernel.shape, groups, strides, padding, x.dtype):
     return conv_kernel.grouped_conv(x, kernel, strides, padding)
-  impl = _KERNEL_FALLBACK if groups > 1 else _auto(kernel.shape, groups, "cpu")
+  if kind == "1x1" and matmul_kernel.supported(x.shape, kernel.shape, groups, padding, x.dtype):
+    return matmul_kernel.pointwise_conv(x, kernel, strides)
+  impl = _KERNEL_FALLBACK.get(kind) or _AUTO[("cpu", kind)]
   return _IMPL_FNS[impl](x, kernel, strides, padding, groups)
 
 

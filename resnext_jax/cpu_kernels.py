@@ -39,6 +39,8 @@ TARGETS = {
     "BatchNormGradApply": "resnext_jax_batch_norm_grad_apply",
     "MaxPoolForward": "resnext_jax_max_pool_forward",
     "MaxPoolBackward": "resnext_jax_max_pool_backward",
+    "MatMulForward": "resnext_jax_matmul_forward",
+    "MatMulKernelGrad": "resnext_jax_matmul_kernel_grad",
 }
 
 

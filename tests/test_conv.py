@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from resnext_jax import conv
-from resnext_jax import conv_kernel
+from resnext_jax import conv_kernel, matmul_kernel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_IMPLS = [impl for impl in conv.IMPLS if impl != "xla"]
@@ -31,8 +31,12 @@ CASES = [
     (3, 2, 1, 6, 64, 64, 2),
     (3, 1, 1, 6, 32, 32, 16),   # 2 and 1 (depthwise) channels per group
     (3, 2, 1, 5, 16, 16, 16),
-    (1, 1, 0, 6, 16, 24, 1),
+    (1, 1, 0, 6, 16, 24, 1),    # 24 output channels: not the 1x1 kernel's (multiples of 16)
     (1, 2, 0, 7, 16, 32, 1),
+    (1, 1, 0, 5, 80, 112, 1),   # the 1x1 kernel's edge tiles: 60 rows (10 x 6), 112 = 64 + 48 columns
+    (1, 2, 0, 9, 48, 16, 1),
+    (1, 1, 0, 16, 32, 48, 1),   # 544 rows: the kernel gradient sums two blocks of rows, in two shares
+    (1, 1, 0, 3, 528, 16, 1),   # depth 528: the forward's second pass accumulates onto the first
     (7, 2, 3, 10, 3, 8, 1),
 ]
 
@@ -107,7 +111,7 @@ def test_auto_is_xla_on_accelerators_and_fast_formulations_on_cpu():
     assert {conv._auto(k, g, backend) for k, g in [(grouped, 32), (dense_1x1, 1), (stem, 1)]} == {"xla"}
   assert conv_kernel.available()  # this machine (and CI) has a C++ compiler: the kernel must build
   assert conv._auto(grouped, 32, "cpu") == "kernel"
-  assert conv._auto(dense_1x1, 1, "cpu") == "matmul"
+  assert conv._auto(dense_1x1, 1, "cpu") == "kernel"
   assert conv._auto(stem, 1, "cpu") == "xla"
 
 
@@ -162,22 +166,28 @@ def test_rejects_unknown_impl_and_bad_groups():
     conv.Conv(features=6, feature_group_count=4).init(jax.random.key(0), x)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[-1] > 1], ids=lambda c: "k{}s{}p{}n{}c{}-{}g{}".format(*c))
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] != 7], ids=lambda c: "k{}s{}p{}n{}c{}-{}g{}".format(*c))
 def test_kernel_runs_where_it_applies(case):
-  """'kernel' is the custom call for grouped convs with in = out channels (a multiple of 16), forward and both
-  gradients; other layers fall back (so the equality tests above cover the kernel, not the fallback)."""
+  """'kernel' is our custom calls, forward and both gradients: for grouped convs with in = out channels and for
+  1x1 convs, channels multiples of 16. Other layers fall back (so the equality tests above cover the kernels,
+  not the fallback)."""
   k, _, _, size, cin, cout, groups = case
   x, w = _inputs(case)
   hlo = jax.jit(jax.grad(lambda x, w: jnp.sum(_conv_fn(case, "kernel")(x, w) ** 2), (0, 1))).lower(x, w).as_text()
-  applies = cin == cout and cin % 16 == 0
-  assert conv_kernel.supported(x.shape, w.shape, groups, (1, 1), ((1, 1), (1, 1))) == applies
-  for target in ("forward", "input_grad", "kernel_grad"):
-    assert (f"resnext_jax_grouped_conv_{target}" in hlo) == applies, target
+  applies = cin % 16 == 0 and (cin == cout if groups > 1 else cout % 16 == 0)
+  if groups > 1:
+    assert conv_kernel.supported(x.shape, w.shape, groups, (1, 1), ((1, 1), (1, 1))) == applies
+    targets = {f"resnext_jax_grouped_conv_{t}": 1 for t in ("forward", "input_grad", "kernel_grad")}
+  else:
+    assert matmul_kernel.supported(x.shape, w.shape, groups, ((0, 0), (0, 0))) == applies
+    targets = {"resnext_jax_matmul_forward": 2, "resnext_jax_matmul_kernel_grad": 1}  # forward and input grad
+  for target, calls in targets.items():
+    assert hlo.count(f"custom_call @{target}(") == (calls if applies else 0), target
 
 
 def test_kernel_on_a_sharded_batch_stays_sharded_and_matches_xla():
-  """Batch sharded over 4 devices: one kernel call per device on its images, the kernel gradient summed over
-  devices, no all-gather of activations; values and both gradients equal XLA's."""
+  """Batch sharded over 4 devices: one kernel call per device on its images, the kernel gradients summed over
+  devices, no all-gather of activations; values and gradients equal XLA's. A grouped conv, then a 1x1."""
   code = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -185,16 +195,20 @@ from resnext_jax import conv, evaluate
 mesh = evaluate.make_mesh()
 x = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((8, 6, 5, 32)), jnp.float32),
                    NamedSharding(mesh, P("data")))
-w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 4, 32)), jnp.float32)
-loss = lambda w, x, impl: jnp.sum(jnp.sin(conv.conv_general(x, w, (2, 2), ((1, 1), (1, 1)), 8, impl)))
+w = (jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 4, 32)), jnp.float32),
+     jnp.asarray(np.random.default_rng(2).standard_normal((1, 1, 32, 16)), jnp.float32) / 4)
+def loss(w, x, impl):
+  y = conv.conv_general(x, w[0], (2, 2), ((1, 1), (1, 1)), 8, impl)
+  return jnp.sum(jnp.sin(conv.conv_general(y, w[1], (1, 1), ((0, 0), (0, 0)), 1, impl)))
 fns = {i: jax.jit(jax.value_and_grad(lambda w, x, i=i: loss(w, x, i), (0, 1))) for i in ("auto", "xla")}
 (a, (gw, gx)), (b, (hw, hx)) = fns["auto"](w, x), fns["xla"](w, x)
 np.testing.assert_allclose(a, b, rtol=1e-5)
-np.testing.assert_allclose(gw, hw, rtol=1e-4, atol=1e-4)
-np.testing.assert_allclose(gx, hx, rtol=1e-4, atol=1e-4)
+for got, want in zip((*gw, gx), (*hw, hx)):
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 assert gx.sharding.spec[0] == "data"
 hlo = fns["auto"].lower(w, x).compile().as_text()
 assert "all-gather" not in hlo and hlo.count("resnext_jax_grouped_conv_") == 3, hlo
+assert hlo.count("resnext_jax_matmul_") == 3, hlo  # forward, input gradient, kernel gradient
 print("ok")
 """
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
@@ -210,6 +224,7 @@ from resnext_jax import conv, conv_kernel
 assert not conv_kernel.available()
 x, w = jnp.ones((1, 4, 4, 16)), jnp.ones((3, 3, 4, 16))
 assert conv._auto(w.shape, 4, "cpu") == "blockdiag"
+assert conv._auto((1, 1, 16, 16), 1, "cpu") == "matmul"
 conv.conv_general(x, w, (1, 1), ((1, 1), (1, 1)), 4)
 try:
   conv.conv_general(x, w, (1, 1), ((1, 1), (1, 1)), 4, impl="kernel")
