@@ -1,9 +1,10 @@
 // 1x1 convolutions for XLA:CPU as FFI custom calls: a register-blocked float32 GEMM for the forward and the
 // input gradient (y = x w, dx = dy w^T) and one for the kernel gradient (dw = x^T dy, summed over the batch).
 //
-// Why: a ResNeXt-50 train step spends two thirds of its time in these products. XLA:CPU hands them to YNNPACK,
-// whose kernels reach ~390 GFLOP/s (forward) and ~340 (kernel gradient) on this model's shapes on two Zen 5
-// cores (peak ~560); these reach ~470-520 and ~400 (docs/performance.md).
+// Why: a ResNeXt-50 train step spends about 60% of its CPU time in these products. XLA:CPU hands them to
+// YNNPACK, which runs the step's shapes at ~440 GFLOP/s (forward, input gradient) and ~340 (kernel gradient)
+// on two Zen 5 cores (peak ~560); these tiles reach ~490 and ~420 (benchmarks/gemm_shapes.py,
+// docs/performance.md).
 //
 // Layout: x [N, H, W, K], w [K, C], y [N, H, W, C]; rows are the N*H*W pixels. C (the vector dimension)
 // must be a multiple of 16; K and the row count are arbitrary.
