@@ -27,9 +27,9 @@ using Matrix = ffi::Buffer<ffi::F32, 2>;
 
 constexpr int kRows = 6;   // output rows of one register tile
 constexpr int kVecs = 4;   // 16-float vectors per tile row: 6 x 64 accumulators in 24 of the 32 registers
-constexpr int64_t kDepth = 512;        // forward: reduction steps per pass over a row block (C reloaded after)
-constexpr int64_t kRowBlock = 96;      // forward: rows whose A stays in L2 while every column panel passes
-constexpr int64_t kKernelGradRows = 256;  // kernel gradient: rows summed per pass before C is stored
+constexpr int64_t kDepth = 512;        // forward: reduction steps per pass over a row block (y reloaded after)
+constexpr int64_t kRowBlock = 96;      // forward: rows of x that stay in L2 while every column panel of w passes
+constexpr int64_t kKernelGradRows = 256;  // kernel gradient: pixels summed per pass before dw's tile is stored
 
 // c[i, 16v:16v+16] (+)= sum_p a[i * a_row + p * a_step] * b[p * b_step + 16v : +16], i < R, v < V.
 // The R x 16V accumulators live in registers for all `steps`: one vector load of b and R broadcasts of a
