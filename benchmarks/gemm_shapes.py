@@ -8,12 +8,12 @@ Prints per shape the best-of-`repeats` ms of the forward (x w), input gradient (
 """
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.conv_layers import best_ms
 from resnext_jax import conv, cpu_kernels, host_memory, matmul_kernel
 
 # (pixels M = batch * H * W, in K, out N, how many 1x1 convs of the train step have this shape), from the
@@ -32,16 +32,6 @@ def products(impl):
             matmul_kernel._kernel_grad_op())
   flat = lambda a: a.reshape(-1, a.shape[-1])  # 2D, as conv.py's 'matmul' (XLA's fastest form)
   return (lambda x, w: flat(x) @ w, lambda dy, w: flat(dy) @ w.T, lambda x, dy: flat(x).T @ flat(dy))
-
-
-def best_ms(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * min(times)
 
 
 def main():
