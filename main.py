@@ -27,7 +27,7 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for se
 flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.DEFINE_bool("retain_host_memory", True, "Keep freed host memory for reuse (glibc): steps reuse pages "
-                  "instead of faulting them in anew; see resnext_jax/host_memory.py.")
+                  "instead of faulting them in anew; see resnext_jax/cpu/host_memory.py.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -50,12 +50,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
   if FLAGS.retain_host_memory:
-    from resnext_jax import host_memory  # pylint: disable=g-import-not-at-top
+    from resnext_jax.cpu import host_memory  # pylint: disable=g-import-not-at-top
     host_memory.retain_freed_memory()    # before JAX and TensorFlow start their threads
   from resnext_jax import (  # pylint: disable=g-import-not-at-top
-      checkpoint, cpu_kernels, evaluate, input_pipeline, optim, predict, train)
+      checkpoint, cpu, evaluate, input_pipeline, optim, predict, train)
   user_errors = (optim.ConfigError, checkpoint.CheckpointError, input_pipeline.DataError, train.TrainingError,
-                 cpu_kernels.KernelUnavailable)
+                 cpu.KernelUnavailable)
   try:
     _initialize_distributed()
     if FLAGS.mode == "train":

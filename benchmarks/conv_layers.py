@@ -5,7 +5,7 @@
 
 Forward is the conv alone; 'fwd+bwd' is the conv plus the gradients a train step needs (input and kernel;
 kernel only for the stem, whose input is the image). Prints one line per layer and implementation: the
-best-of-`repeats` milliseconds, compiled with the options the training job uses (`conv.compiler_options()`).
+best-of-`repeats` milliseconds, compiled with the options the training job uses (`cpu.compiler_options()`).
 These figures choose `auto` in resnext_jax/conv.py (docs/performance.md).
 """
 
@@ -16,7 +16,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from resnext_jax import conv, host_memory
+from resnext_jax import cpu
+from resnext_jax.cpu import host_memory
+from resnext_jax.layers import conv
 
 # name: (input size, in channels, out channels, kernel, stride, groups), as in resnext50_32x4d.
 LAYERS = {
@@ -51,7 +53,7 @@ def jax_fns(layer, impl):
                         impl=impl)
   argnums = (1,) if layer[1] == 3 else (0, 1)          # the stem needs no input gradient
   grads = jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=argnums)
-  options = conv.compiler_options()       # as the training job compiles its steps
+  options = cpu.compiler_options()       # as the training job compiles its steps
   return jax.jit(f, compiler_options=options), jax.jit(grads, compiler_options=options)
 
 

@@ -1,5 +1,5 @@
 """The 1x1 convolutions' products of one resnext50_32x4d batch-32 train step, timed alone: our GEMM kernel
-(matmul_kernel.py) against XLA's dot (YNNPACK, with the training job's compiler options).
+(resnext_jax/cpu/matmul.py) against XLA's dot (YNNPACK, with the training job's compiler options).
 
     PYTHONPATH=. python benchmarks/gemm_shapes.py [--repeats 5]
 
@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.conv_layers import best_ms
-from resnext_jax import conv, cpu_kernels, host_memory, matmul_kernel
+from resnext_jax import cpu
+from resnext_jax.cpu import host_memory, matmul as matmul_kernel
 
 # (pixels M = batch * H * W, in K, out N, how many 1x1 convs of the train step have this shape), from the
 # optimised HLO of the step (the stride-2 downsamples after their slice).
@@ -27,7 +28,7 @@ SHAPES = [(100352, 64, 128, 1), (100352, 128, 256, 3), (100352, 64, 256, 1), (10
 def products(impl):
   """forward, input gradient, kernel gradient on x [32, M/32, 1, K], w [K, N], dy [32, M/32, 1, N]."""
   if impl == "kernel":
-    cpu_kernels.load()
+    cpu.load()
     return (matmul_kernel._forward_op(), lambda dy, w: matmul_kernel._forward_op()(dy, w.T),
             matmul_kernel._kernel_grad_op())
   flat = lambda a: a.reshape(-1, a.shape[-1])  # 2D, as conv.py's 'matmul' (XLA's fastest form)
@@ -40,7 +41,7 @@ def main():
   args = p.parse_args()
   host_memory.retain_freed_memory()  # as the training job
   rng = np.random.default_rng(0)
-  fns = {impl: [jax.jit(f, compiler_options=conv.compiler_options()) for f in products(impl)]
+  fns = {impl: [jax.jit(f, compiler_options=cpu.compiler_options()) for f in products(impl)]
          for impl in ("kernel", "xla")}
   totals = {impl: np.zeros(3) for impl in fns}
   print(f"{'M x K x N':22s} {'impl':7s} {'fwd':>7s} {'dgrad':>7s} {'wgrad':>7s}  ms")

@@ -7,7 +7,7 @@ metrics) or eval step, after compilation, on synthetic data sharded over every d
 The recipe (momentum, weight decay, label smoothing, EMA, ...) comes from --config, so the step timed is the
 step `main.py` runs with that config.
 
-Both processes run with the host-memory setting main.py uses (`--host-malloc retain`, see host_memory.py:
+Both processes run with the host-memory setting main.py uses (`--host-malloc retain`, see cpu/host_memory.py:
 freed memory is reused rather than faulted in anew every step), or both with glibc's defaults (`system`).
 
 The last line printed is one JSON object (model, mode, batch_size, images_per_sec, backend, impl, ...).
@@ -29,7 +29,9 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from resnext_jax import conv, host_memory, models
+from resnext_jax import models
+from resnext_jax.cpu import host_memory
+from resnext_jax.layers import conv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_TRAIN_EXAMPLES = 1_281_167  # only shapes the learning-rate schedule, which does not change the cost

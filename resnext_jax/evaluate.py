@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnext_jax import checkpoint
-from resnext_jax import conv
+from resnext_jax import cpu
 from resnext_jax import input_pipeline
 from resnext_jax import models
 from resnext_jax.optim import ConfigError, cross_entropy
@@ -119,7 +119,7 @@ def compile_eval_step(model, mesh):
   """eval_step jitted over the mesh; outputs replicated so every process sees every example's result."""
   return jax.jit(functools.partial(eval_step, model=model),
                  in_shardings=(replicated(mesh), NamedSharding(mesh, P("data"))),
-                 out_shardings=replicated(mesh), compiler_options=conv.compiler_options())
+                 out_shardings=replicated(mesh), compiler_options=cpu.compiler_options())
 
 
 def run_evaluation(p_eval_step, variables, batches) -> dict:

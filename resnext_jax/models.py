@@ -12,9 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnext_jax import pooling
-from resnext_jax.batchnorm import BatchNorm
-from resnext_jax.conv import HE_FAN_OUT, Conv, conv_general
+from resnext_jax.layers import pooling
+from resnext_jax.layers.batchnorm import BatchNorm
+from resnext_jax.layers.conv import HE_FAN_OUT, Conv, conv_general
 
 BLOCK_FORMS = ("grouped", "concat", "split_sum")
 

@@ -12,7 +12,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from resnext_jax import conv
+from resnext_jax import cpu
 from resnext_jax import evaluate
 from resnext_jax import input_pipeline
 from resnext_jax.imagenet_classes import IMAGENET_CLASSES
@@ -84,7 +84,7 @@ def _probabilities(model, variables, images, config, mesh) -> np.ndarray:
   batch = max(devices, config.eval_batch_size // devices * devices)
   sharding = NamedSharding(mesh, P("data"))
   fn = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False)), out_shardings=evaluate.replicated(mesh),
-               compiler_options=conv.compiler_options())  # as the eval step
+               compiler_options=cpu.compiler_options())  # as the eval step
   stacked, out = np.stack(images).astype(np.float32), []
   for start in range(0, len(stacked), batch):
     chunk = stacked[start:start + batch]

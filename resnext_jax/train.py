@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from resnext_jax import checkpoint
-from resnext_jax import conv
+from resnext_jax import cpu
 from resnext_jax import evaluate
 from resnext_jax import input_pipeline
 from resnext_jax import optim
@@ -154,7 +154,7 @@ def compile_train_step(config, model, tx, schedule, mesh, state_sharding):
                            ema_decay=config.ema_decay, rng_impl=config.rng_impl)
   return jax.jit(step, in_shardings=(state_sharding, NamedSharding(mesh, P("data"))),
                  out_shardings=(state_sharding, evaluate.replicated(mesh)), donate_argnums=0,
-                 compiler_options=conv.compiler_options())
+                 compiler_options=cpu.compiler_options())
 
 
 # --- Checkpoint plumbing. ---

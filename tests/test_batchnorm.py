@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnext_jax.batchnorm import BatchNorm
+from resnext_jax.layers.batchnorm import BatchNorm
 
 KW = dict(momentum=0.9, epsilon=1e-5)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,7 +115,7 @@ def test_cpu_kernels_keep_a_sharded_batch_sharded():
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from resnext_jax import evaluate
-from resnext_jax.batchnorm import BatchNorm
+from resnext_jax.layers.batchnorm import BatchNorm
 mesh = evaluate.make_mesh()
 sharded = NamedSharding(mesh, P("data"))
 x = jax.device_put(jax.random.normal(jax.random.key(0), (8, 6, 5, 32)) * 2 + 1, sharded)

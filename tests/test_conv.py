@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnext_jax import conv
-from resnext_jax import conv_kernel, matmul_kernel
+from resnext_jax.layers import conv
+from resnext_jax import cpu
+from resnext_jax.cpu import grouped_conv as conv_kernel, matmul as matmul_kernel, options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_IMPLS = [impl for impl in conv.IMPLS if impl != "xla"]
@@ -66,7 +67,7 @@ def _results(case, impl, dtype=jnp.float32):
     y, vjp = jax.vjp(_conv_fn(case, impl), x, w)
     cotangent = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape).astype(y.dtype)
     return y, *vjp(cotangent)
-  options = {} if impl == "xla" else conv.compiler_options()
+  options = {} if impl == "xla" else cpu.compiler_options()
   return jax.jit(forward_and_grads, compiler_options=options)(*_inputs(case, dtype))
 
 
@@ -109,7 +110,7 @@ def test_auto_is_xla_on_accelerators_and_fast_formulations_on_cpu():
   grouped, dense_1x1, stem = (3, 3, 4, 128), (1, 1, 256, 64), (7, 7, 3, 64)
   for backend in ("gpu", "tpu"):
     assert {conv._auto(k, g, backend) for k, g in [(grouped, 32), (dense_1x1, 1), (stem, 1)]} == {"xla"}
-  assert conv_kernel.available()  # this machine (and CI) has a C++ compiler: the kernel must build
+  assert cpu.available()  # this machine (and CI) has a C++ compiler: the kernel must build
   assert conv._auto(grouped, 32, "cpu") == "kernel"
   assert conv._auto(dense_1x1, 1, "cpu") == "kernel"
   assert conv._auto(stem, 1, "cpu") == "xla"
@@ -117,24 +118,24 @@ def test_auto_is_xla_on_accelerators_and_fast_formulations_on_cpu():
 
 def test_compiler_options_only_on_cpu_and_user_flags_win(monkeypatch):
   for backend in ("gpu", "tpu"):
-    assert conv.compiler_options(backend) == {}
+    assert cpu.compiler_options(backend) == {}
   monkeypatch.delenv("XLA_FLAGS", raising=False)
-  options = conv.compiler_options("cpu")
+  options = cpu.compiler_options("cpu")
   assert set(options) == {"xla_cpu_experimental_ynn_fusion_type"}
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-  assert conv.compiler_options("cpu") == options
+  assert cpu.compiler_options("cpu") == options
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
-  assert conv.compiler_options("cpu") == {}
+  assert cpu.compiler_options("cpu") == {}
 
 
 def test_compiler_options_dropped_where_xla_rejects_them(monkeypatch):
   """An older jaxlib without the (experimental) option trains with XLA's defaults rather than failing."""
-  monkeypatch.setattr(conv, "_CPU_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"})
-  conv._cpu_options_supported.cache_clear()
+  monkeypatch.setattr(options, "_CPU_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"})
+  options._cpu_options_supported.cache_clear()
   try:
-    assert conv.compiler_options("cpu") == {}
+    assert cpu.compiler_options("cpu") == {}
   finally:
-    conv._cpu_options_supported.cache_clear()
+    options._cpu_options_supported.cache_clear()
 
 
 def test_compiler_options_compile_and_reach_xla():
@@ -145,7 +146,7 @@ def test_compiler_options_compile_and_reach_xla():
   x, w = _inputs(case)
   library_calls = lambda opts: jax.jit(f, compiler_options=opts).lower(x, w).compile().as_text().count(
       "__ynn_fusion")
-  assert library_calls(conv.compiler_options("cpu")) < library_calls({})
+  assert library_calls(cpu.compiler_options("cpu")) < library_calls({})
   with pytest.raises(Exception, match="not a valid enum value"):
     jax.jit(f, compiler_options={"xla_cpu_experimental_ynn_fusion_type": "nope"}).lower(x, w).compile()
 
@@ -191,7 +192,8 @@ def test_kernel_on_a_sharded_batch_stays_sharded_and_matches_xla():
   code = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from resnext_jax import conv, evaluate
+from resnext_jax import evaluate
+from resnext_jax.layers import conv
 mesh = evaluate.make_mesh()
 x = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((8, 6, 5, 32)), jnp.float32),
                    NamedSharding(mesh, P("data")))
@@ -220,15 +222,16 @@ def test_without_a_compiler_auto_falls_back_and_kernel_says_why(tmp_path):
   """No C++ compiler: 'auto' uses blockdiag and trains; forcing 'kernel' names the problem."""
   code = """
 import jax, jax.numpy as jnp
-from resnext_jax import conv, conv_kernel
-assert not conv_kernel.available()
+from resnext_jax import cpu
+from resnext_jax.layers import conv
+assert not cpu.available()
 x, w = jnp.ones((1, 4, 4, 16)), jnp.ones((3, 3, 4, 16))
 assert conv._auto(w.shape, 4, "cpu") == "blockdiag"
 assert conv._auto((1, 1, 16, 16), 1, "cpu") == "matmul"
 conv.conv_general(x, w, (1, 1), ((1, 1), (1, 1)), 4)
 try:
   conv.conv_general(x, w, (1, 1), ((1, 1), (1, 1)), 4, impl="kernel")
-except conv_kernel.KernelUnavailable as e:
+except cpu.KernelUnavailable as e:
   print(e)
 """
   env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), RESNEXT_JAX_CACHE=str(tmp_path / "cache"),
@@ -242,7 +245,7 @@ def test_damaged_cached_kernel_is_rebuilt(tmp_path):
   """A truncated library in the cache (a build killed mid-copy, a full disk) is rebuilt, not loaded."""
   code = """
 import glob, os
-from resnext_jax import cpu_kernels
+from resnext_jax.cpu import build as cpu_kernels
 path = cpu_kernels.build()
 open(path, "wb").write(b"not a shared library")
 assert cpu_kernels.available()

@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CODE = """
 import resource, sys
 import numpy as np
-from resnext_jax import host_memory
+from resnext_jax.cpu import host_memory
 retained = host_memory.retain_freed_memory()
 def faults_of_a_fresh_block():
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

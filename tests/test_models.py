@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from resnext_jax import models
-from resnext_jax.conv import Conv
+from resnext_jax.layers.conv import Conv
 
 # Published figures: torchvision 0.29 model cards, and the paper (Table 4 and Table 7) in millions.
 TORCHVISION_PARAMS = {

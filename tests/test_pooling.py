@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnext_jax import pooling
+from resnext_jax.layers import pooling
 
 
 @pytest.mark.parametrize("shape,window,strides,padding", [

@@ -20,20 +20,17 @@ only in how XLA is asked to compute it, because XLA's speed depends heavily on t
   would without them.
 - 'auto': per backend and layer shape, from the measurements in docs/performance.md (see `_auto`).
 
-`compiler_options()` holds the XLA:CPU options that the training and eval steps are compiled with; they are
-part of what makes these formulations fast on CPU (see its docstring).
+The XLA:CPU options the training and eval steps are compiled with (resnext_jax/cpu/options.py) are part of
+what makes these formulations fast on CPU.
 """
 
-import functools
-import os
 from typing import Any, Callable, Sequence
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnext_jax import conv_kernel, matmul_kernel
+from resnext_jax import cpu
 
 IMPLS = ("auto", "xla", "blockdiag", "matmul", "kernel")
 
@@ -67,41 +64,9 @@ def _auto(kernel_shape, groups, backend):
   """The implementation `_AUTO` records as fastest for this backend and kind of layer."""
   kind = _kind(kernel_shape, groups)
   impl = _AUTO.get((backend, kind), "xla")
-  if impl == "kernel" and not conv_kernel.available():
+  if impl == "kernel" and not cpu.available():
     return _KERNEL_FALLBACK[kind]
   return impl
-
-
-# XLA:CPU hands dots, reductions and (by default) convolutions to the YNNPACK library. For this model on CPU,
-# measured on the whole train step (docs/performance.md): YNNPACK's convolutions are slower than XLA's own
-# (Eigen) for the block-diagonal and stem convs, and letting YNNPACK fuse elementwise work into its dots
-# helps; dropping YNNPACK's reductions costs 2x. Same results to float32 rounding (tests/test_conv.py).
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_DOT"}
-
-
-def compiler_options(backend=None):
-  """XLA options for jitting the model's steps on `backend` (default: JAX's): {} except on CPU.
-
-  A choice the user made in XLA_FLAGS for the same option wins (per-executable options would override it);
-  a jaxlib that does not know the options (they are experimental) compiles without them.
-  """
-  backend = backend or jax.default_backend()
-  if backend != "cpu" or not _cpu_options_supported():
-    return {}
-  user_flags = os.environ.get("XLA_FLAGS", "")
-  return {k: v for k, v in _CPU_OPTIONS.items() if f"--{k}=" not in user_flags}
-
-
-@functools.cache
-def _cpu_options_supported():
-  """Whether this jaxlib's XLA:CPU accepts `_CPU_OPTIONS` (one tiny compile, once per process)."""
-  try:
-    jax.jit(lambda x: x + 1, backend="cpu", compiler_options=_CPU_OPTIONS).lower(jnp.zeros(2)).compile()
-    return True
-  except Exception as e:  # pylint: disable=broad-except  # XLA's error type differs across jaxlib versions
-    logging.info("XLA:CPU does not accept %s (%s); compiling with its defaults", _CPU_OPTIONS, e)
-    return False
 
 
 def _xla(x, kernel, strides, padding, groups):
@@ -171,12 +136,15 @@ def _concat(ys):
 
 def _kernel(x, kernel, strides, padding, groups):
   """Our CPU kernels where they apply: grouped convs (conv_kernel.py) and 1x1 convs (matmul_kernel.py).
-  Other layers, and shapes the kernels do not cover, run as 'auto' would without them."""
+  Other layers, and shapes the kernels do not cover, run as 'auto' would without them; a kernel that cannot be
+  built here is an error that says why."""
+  if jax.default_backend() != "cpu":
+    raise ValueError(f"conv impl 'kernel' is a CPU kernel; on {jax.default_backend()} use 'auto' or 'xla'")
+  cpu.load()  # raises KernelUnavailable, saying why, where the kernels cannot be built
   kind = _kind(kernel.shape, groups)
-  if kind == "grouped" and conv_kernel.supported(x.shape, kernel.shape, groups, strides, padding, x.dtype):
-    return conv_kernel.grouped_conv(x, kernel, strides, padding)
-  if kind == "1x1" and matmul_kernel.supported(x.shape, kernel.shape, groups, padding, x.dtype):
-    return matmul_kernel.pointwise_conv(x, kernel, strides)
+  fast = cpu.conv_op(x, kernel, strides, padding, groups)
+  if fast is not None:
+    return fast(x, kernel)
   impl = _KERNEL_FALLBACK.get(kind) or _AUTO[("cpu", kind)]
   return _IMPL_FNS[impl](x, kernel, strides, padding, groups)
 

@@ -3,7 +3,7 @@
 The layer also takes the ReLU and the residual add that follow it in a ResNeXt block, act(BN(x) + shortcut),
 so that one pass over memory does all three. Two implementations:
 
-- 'auto' on CPU (NHWC float32): our kernels (bn_kernel.py): one pass for the statistics, one to apply; in
+- 'auto' on CPU (NHWC float32): our kernels (resnext_jax/cpu/batch_norm.py): one pass for the statistics, one to apply; in
   the backward one for the two sums and one for the input gradient. In XLA each sum is its own reduction and
   the elementwise chains are recomputed inside every consumer; batch norm then cost more than the 1x1
   convolutions' gradients in a train step (docs/performance.md).
@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnext_jax import bn_kernel
+from resnext_jax import cpu
 
 IMPLS = ("auto", "xla")
 
@@ -49,18 +49,16 @@ class BatchNorm(nn.Module):
     scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
     bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
     dtype = self.dtype or jnp.result_type(x, scale)
-    kernel = (self.impl == "auto" and bn_kernel.applies(x) and scale.dtype == bias.dtype == jnp.float32
-              and (shortcut is None or shortcut.dtype == jnp.float32))
-    add = shortcut is not None
+    fast = cpu.batch_norm_ops(x, scale, bias, shortcut) if self.impl == "auto" else None
     if self.use_running_average:
       f = _compute_dtype(x)
       inv = jax.lax.rsqrt(ra_var.value.astype(f) + self.epsilon) * scale.astype(f)
       shift = bias.astype(f) - ra_mean.value.astype(f) * inv
-      if kernel:
-        return _apply_kernel(x, inv, shift, shortcut, relu, add).astype(dtype)
+      if fast is not None:
+        return fast.apply(x, inv, shift, shortcut, relu).astype(dtype)
       return _activate((x.astype(f) * inv + shift).astype(dtype), shortcut, relu)
-    if kernel:
-      y, mean, var = _normalize_kernel(x, scale, bias, shortcut, self.epsilon, relu, add)
+    if fast is not None:
+      y, mean, var = fast.normalize(x, scale, bias, shortcut, self.epsilon, relu)
       y = y.astype(dtype)
     else:
       y, mean, var = _normalize(x, scale, bias, self.epsilon)
@@ -120,61 +118,3 @@ def _normalize_bwd(epsilon, residuals, cotangents):
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
-
-
-# The kernel path (float32 NHWC on CPU). `add` (static) says whether `shortcut` is an array or None.
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _normalize_kernel(x, scale, bias, shortcut, epsilon, relu, add):
-  """(act(normalised x [+ shortcut]), batch mean, batch variance); the statistics carry no gradient."""
-  return _normalize_kernel_fwd(x, scale, bias, shortcut, epsilon, relu, add)[0]
-
-
-def _normalize_kernel_fwd(x, scale, bias, shortcut, epsilon, relu, add):
-  del add
-  n = x.size // x.shape[-1]
-  total, total_sq = bn_kernel.stats(x)
-  mean = total / n
-  var = jnp.maximum(total_sq / n - mean * mean, 0.0)
-  inv = jax.lax.rsqrt(var + epsilon)
-  k = scale * inv
-  y = bn_kernel.apply(x, k, bias - mean * k, shortcut, relu)
-  return (y, mean, var), (x, y, scale, mean, inv)
-
-
-def _normalize_kernel_bwd(epsilon, relu, add, residuals, cotangents):
-  del epsilon
-  x, y, scale, mean, inv = residuals
-  g = cotangents[0]
-  n = x.size // x.shape[-1]
-  dbias, centered = bn_kernel.grad_stats(g, y, x, mean, relu)  # centered = sum(gm * (x - mean))
-  a = scale * inv
-  dx, gm = bn_kernel.grad_apply(g, y, x, mean, a, -a * dbias / n, -a * inv * inv * centered / n, relu,
-                                masked_grad=add and relu)
-  dshortcut = (gm if relu else g) if add else None
-  return dx, centered * inv, dbias, dshortcut
-
-
-_normalize_kernel.defvjp(_normalize_kernel_fwd, _normalize_kernel_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _apply_kernel(x, scale, shift, shortcut, relu, add):
-  """act(x * scale + shift [+ shortcut]): inference with the running statistics, still differentiable."""
-  del add
-  return bn_kernel.apply(x, scale, shift, shortcut, relu)
-
-
-def _apply_kernel_fwd(x, scale, shift, shortcut, relu, add):
-  y = _apply_kernel(x, scale, shift, shortcut, relu, add)
-  return y, (x, y, scale)
-
-
-def _apply_kernel_bwd(relu, add, residuals, g):
-  x, y, scale = residuals
-  gm = jnp.where(y > 0, g, 0.0) if relu else g
-  axes = tuple(range(x.ndim - 1))
-  return gm * scale, jnp.sum(gm * x, axes), jnp.sum(gm, axes), gm if add else None
-
-
-_apply_kernel.defvjp(_apply_kernel_fwd, _apply_kernel_bwd)

@@ -1,7 +1,7 @@
 """The grouped-convolution CPU kernel (csrc/grouped_conv.cc) as a differentiable JAX op.
 
-Built on first use with our other CPU kernels (cpu_kernels.py); where it cannot be built (no C++ compiler),
-`available()` is False and conv.py's 'auto' uses 'blockdiag'. Each op carries a custom_partitioning rule, so a
+Built on first use with our other CPU kernels (build.py); where it cannot be built (no C++ compiler), the
+layers use their portable implementations. Each op carries a custom_partitioning rule, so a
 batch sharded over devices or processes stays sharded.
 """
 
@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnext_jax import cpu_kernels
-from resnext_jax.cpu_kernels import KernelUnavailable, available  # pylint: disable=unused-import
+from resnext_jax.cpu import build, partition
 
 _LANES = 16
 
@@ -31,7 +30,7 @@ def grouped_conv(x, kernel, strides, padding):
   """NHWC x HWIO grouped conv (groups = C / kernel's I) on the CPU kernel; computes in float32."""
   if jax.default_backend() != "cpu":
     raise ValueError(f"conv impl 'kernel' is a CPU kernel; on {jax.default_backend()} use 'auto' or 'xla'")
-  cpu_kernels.load()
+  build.load()
   dtype = jnp.result_type(x, kernel)
   if not supported(x.shape, kernel.shape, x.shape[-1] // kernel.shape[2], strides, padding, dtype):
     raise ValueError(f"the grouped-conv kernel does not support input {x.shape} with kernel {kernel.shape}, "
@@ -58,13 +57,13 @@ _OPS = {  # op: (FFI handler symbol, Shardy rule (einsum-like; 'n' is the batch)
 def _op(name, out_shape, strides, padding):
   """FFI op `name` giving `out_shape` (global) as a batch-partitioned op."""
   symbol, rule, batched = _OPS[name]
-  target = cpu_kernels.TARGETS[symbol]
+  target = build.target(symbol)
 
   def call(a, b):
     shape = out_shape if name == "kernel_grad" else (a.shape[0], *out_shape[1:])  # a device's share
     out = jax.ShapeDtypeStruct(shape, jnp.float32)
     return jax.ffi.ffi_call(target, out, vmap_method="sequential")(a, b, **_attrs(strides, padding))
-  return cpu_kernels.batch_partitioned(call, rule, batched, reduce_batch=name == "kernel_grad")
+  return partition.batch_partitioned(call, rule, batched, reduce_batch=name == "kernel_grad")
 
 
 def _call(name, out_shape, a, b, strides, padding):

@@ -1,7 +1,7 @@
 """1x1 convolutions on our CPU GEMM kernel (csrc/matmul.cc) as a differentiable JAX op.
 
 Forward and input gradient are one op (y = x w, dx = dy w^T); the kernel gradient (x^T dy) is the other,
-summed over the batch. Built with our other CPU kernels (cpu_kernels.py); conv.py uses it for 1x1 convs on
+summed over the batch. Built with our other CPU kernels (build.py); conv.py uses it for 1x1 convs on
 CPU where `supported`, and XLA's dot ('matmul') elsewhere.
 """
 
@@ -10,7 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from resnext_jax import cpu_kernels
+from resnext_jax.cpu import build, partition
 
 _LANES = 16
 
@@ -30,7 +30,7 @@ def pointwise_conv(x, kernel, strides):
     raise ValueError(f"conv impl 'kernel' is a CPU kernel; on {jax.default_backend()} use 'auto' or 'xla'")
   if not supported(x.shape, kernel.shape, 1, ((0, 0), (0, 0)), jnp.result_type(x, kernel)):
     raise ValueError(f"the 1x1-conv kernel does not support input {x.shape} with kernel {kernel.shape}")
-  cpu_kernels.load()
+  build.load()
   dtype = jnp.result_type(x, kernel)
   if tuple(strides) != (1, 1):
     x = x[:, ::strides[0], ::strides[1]]  # a 1x1 conv with stride s reads every s-th pixel
@@ -39,21 +39,21 @@ def pointwise_conv(x, kernel, strides):
 
 
 # Both ops are per pixel, so a batch sharded over devices stays sharded; the kernel gradient is a sum over
-# the batch, psum'd over its mesh axes (cpu_kernels.batch_partitioned).
+# the batch, psum'd over its mesh axes (partition.batch_partitioned).
 @functools.cache
 def _forward_op():
   def call(x, w):
     out = jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(cpu_kernels.TARGETS["MatMulForward"], out, vmap_method="sequential")(x, w)
-  return cpu_kernels.batch_partitioned(call, "n h w k, k c -> n h w c", 1)
+    return jax.ffi.ffi_call(build.target("MatMulForward"), out, vmap_method="sequential")(x, w)
+  return partition.batch_partitioned(call, "n h w k, k c -> n h w c", 1)
 
 
 @functools.cache
 def _kernel_grad_op():
   def call(x, dy):
     out = jax.ShapeDtypeStruct((x.shape[-1], dy.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call(cpu_kernels.TARGETS["MatMulKernelGrad"], out, vmap_method="sequential")(x, dy)
-  return cpu_kernels.batch_partitioned(call, "n h w k, n h w c -> k c", 2, reduce_batch=True)
+    return jax.ffi.ffi_call(build.target("MatMulKernelGrad"), out, vmap_method="sequential")(x, dy)
+  return partition.batch_partitioned(call, "n h w k, n h w c -> k c", 2, reduce_batch=True)
 
 
 @jax.custom_vjp

@@ -23,8 +23,6 @@ import tempfile
 from absl import logging
 import jax
 import jaxlib
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 
@@ -98,7 +96,8 @@ def _cpu_fingerprint():
 def build():
   """Path of the compiled library for these sources, compiler, jaxlib and CPU; compiles it if not cached."""
   cxx = _compiler()
-  flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
+  march = os.environ.get("RESNEXT_JAX_CPU_MARCH") or "native"
+  flags = ["-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
   sources = sorted(glob.glob(os.path.join(CSRC, "*.cc")))
   identity = [" ".join([cxx, *flags]).encode(), jaxlib.__version__.encode(), _cpu_fingerprint().encode()]
   for path in sorted(glob.glob(os.path.join(CSRC, "*.*"))):  # sources and headers
@@ -125,44 +124,7 @@ def build():
   return path
 
 
-def batch_partitioned(fn, rule, num_batched, reduce_batch=False):
-  """fn(*operands) as a custom_partitioning op whose first `num_batched` operands are sharded on the batch.
-
-  `rule` is the Shardy rule (einsum-like, batch factor 'n'). Every other dimension is replicated. With
-  `reduce_batch`, the results are sums over the batch: each device's are psum'd over the batch's mesh axes;
-  otherwise results are per image and stay batch-sharded. Without these rules XLA would gather the whole
-  batch onto every device around the custom call.
-  """
-  op = custom_partitioning(fn)
-
-  def shardings(mesh, arg_shapes, result_shape):
-    spec = arg_shapes[0].sharding.spec
-    batch = spec[0] if len(spec) else None
-    sharded, replicated = NamedSharding(mesh, P(batch)), NamedSharding(mesh, P())
-    args = tuple(sharded if i < num_batched else replicated for i in range(len(arg_shapes)))
-    results = jax.tree.map(lambda _: replicated if reduce_batch else sharded, result_shape)
-    return batch, results, args
-
-  def partition(mesh, arg_shapes, result_shape):
-    batch, results, args = shardings(mesh, arg_shapes, result_shape)
-    def lower(*operands):
-      out = fn(*operands)
-      return jax.lax.psum(out, batch) if reduce_batch and batch is not None else out
-    return mesh, lower, results, args
-
-  def infer(mesh, arg_shapes, result_shape):
-    return shardings(mesh, arg_shapes, result_shape)[1]
-
-  op.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                   reduction_factors=("n",) if reduce_batch else (),
-                   need_replication_factors=_factors_in_order(rule, skip="n"))
-  return op
-
-
-def _factors_in_order(rule, skip):
-  """The rule's factors in order of first appearance (Shardy wants special factors sorted), less `skip`."""
-  seen = []
-  for f in rule.replace(",", " ").replace("->", " ").split():
-    if f != skip and f not in seen:
-      seen.append(f)
-  return tuple(seen)
+def target(symbol):
+  """The registered FFI target name of handler `symbol` (builds and registers the kernels on first use)."""
+  load()
+  return TARGETS[symbol]
