@@ -24,6 +24,8 @@ from absl import logging
 import jax
 import jaxlib
 
+from resnext_jax.errors import KernelUnavailable
+
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 
 # Exported handler symbol -> FFI target name, for every kernel in csrc/.
@@ -42,8 +44,6 @@ TARGETS = {
 }
 
 
-class KernelUnavailable(RuntimeError):
-  """The kernels could not be built or loaded here (the message says why)."""
 
 
 def available():
