@@ -4,6 +4,7 @@
 - grouped_conv.py, matmul.py, batch_norm.py, max_pool.py: the kernels as differentiable JAX ops.
 - partition.py: keeps a sharded batch sharded around the kernels.
 - options.py: the XLA:CPU options the steps are compiled with; host_memory.py: malloc settings.
+- autotune.py: 'auto' times each layer's candidate implementations on this machine once and caches the fastest.
 
 The portable layers (resnext_jax.layers) ask this package one question per op, "is there a faster CPU op for
 this?": `conv_op`, `batch_norm_ops` and `max_pool_op` return our kernel's op where it applies, else None.
@@ -14,9 +15,18 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from resnext_jax.cpu import batch_norm, grouped_conv, matmul, max_pool
+from resnext_jax.cpu import autotune, batch_norm, build, grouped_conv, matmul, max_pool
 from resnext_jax.cpu.build import KernelUnavailable, available, load  # pylint: disable=unused-import
 from resnext_jax.cpu.options import compiler_options  # pylint: disable=unused-import
+
+
+def kernel_status():
+  """One line on the kernels here: the ISA they were built for, or why they are not available."""
+  try:
+    name, lanes = build.isa()
+    return f"built for {name} ({lanes} floats per vector, -march={build.march()})"
+  except KernelUnavailable as e:
+    return f"not available ({str(e).splitlines()[0]})"
 
 
 def _on_cpu():

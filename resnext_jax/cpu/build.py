@@ -1,15 +1,20 @@
-"""Our C++ CPU kernels (csrc/*.cc), built on first use and registered as XLA FFI targets.
+"""Our C++ CPU kernels (csrc/*.cc), built on first use for this machine's ISA and registered as XLA FFI targets.
 
-The sources are compiled into one library for the machine they run on (-march=native) against the installed
-jaxlib's XLA FFI headers, cached under ~/.cache/resnext_jax (or $RESNEXT_JAX_CACHE) by a key of the sources,
-compiler, jaxlib version and CPU. Building at first use rather than at install time keeps `pip install` a
-pure-Python install and the binary matched to the host CPU and jaxlib. Where it cannot be built (no C++
-compiler), `available()` is False and callers use their XLA formulations.
-
-`batch_partitioned` makes an FFI call a custom_partitioning op, so a batch sharded over devices or processes
-stays sharded: each device runs the kernel on its images.
+- Target: `-march=native` by default, or $RESNEXT_JAX_CPU_MARCH (e.g. `x86-64-v3` builds and runs the AVX2
+  kernels on an AVX-512 machine, `x86-64-v2` the 4-lane ones). csrc/vec.h picks the vector width and the
+  kernels their register tiles from what the compiler targets: 16 floats and 32 registers for AVX-512, 8 and
+  16 for AVX2, 4 and 32 for NEON. Building at first use keeps `pip install` pure Python and the binary matched
+  to the host CPU and jaxlib.
+- Build: each .cc is its own translation unit, compiled in parallel, then linked; the console says that it is
+  building and how long it took.
+- Cache: ~/.cache/resnext_jax (or $RESNEXT_JAX_CACHE), keyed by the sources, the compiler and its flags, the
+  compiler's own view of the target (its predefined macros for those flags: the ISA extensions on x86 and Arm
+  alike, where /proc/cpuinfo differs between architectures) and jaxlib's version.
+- Failure (no compiler, a compiler error) is remembered for the process: one failed build at most, reported
+  once; `available()` is then False and the layers use their portable XLA implementations.
 """
 
+import concurrent.futures
 import ctypes
 import functools
 import glob
@@ -18,9 +23,10 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 
-from absl import logging
 import jax
 import jaxlib
 
@@ -43,11 +49,11 @@ TARGETS = {
     "MatMulKernelGrad": "resnext_jax_matmul_kernel_grad",
 }
 
-
+_failure = None  # the KernelUnavailable of this process's failed build, raised again without rebuilding
 
 
 def available():
-  """Whether the kernels are built and registered (builds them on first call)."""
+  """Whether the kernels are built and registered (builds them on the first call of the process)."""
   try:
     load()
     return True
@@ -55,12 +61,26 @@ def available():
     return False
 
 
-@functools.cache
 def load():
-  """Builds (or finds in the cache) the shared library and registers its FFI targets; once per process.
+  """Builds (or finds in the cache) the library and registers its FFI targets; once per process.
 
-  A cached library that does not load (a damaged file) is rebuilt once.
+  A cached library that does not load (a damaged file) is rebuilt once. A failure is raised again on every
+  later call without building again.
   """
+  global _failure
+  if _failure is not None:
+    raise _failure
+  try:
+    return _load()
+  except KernelUnavailable as e:
+    _failure = e
+    print(f"resnext_jax: {e}\nresnext_jax: using the portable XLA implementations instead", file=sys.stderr,
+          flush=True)
+    raise
+
+
+@functools.cache
+def _load():
   path = build()
   try:
     lib = ctypes.cdll.LoadLibrary(path)
@@ -71,60 +91,134 @@ def load():
       lib = ctypes.cdll.LoadLibrary(path)
     except OSError as e:
       raise KernelUnavailable(f"cannot load the CPU kernels {path}: {e}") from e
-  for symbol, target in TARGETS.items():
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-  return path
-
-
-def _compiler():
-  cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-  if not cxx:
-    raise KernelUnavailable("no C++ compiler found (set CXX, or install g++) to build the CPU kernels")
-  return cxx
-
-
-def _cpu_fingerprint():
-  """The CPU model and feature flags: a -march=native binary must not be reused on another CPU."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      lines = [l for l in f if l.startswith(("model name", "flags"))]
-    return "".join(sorted(set(lines)))
-  except OSError:
-    return f"{platform.machine()} {platform.processor()}"
-
-
-def build():
-  """Path of the compiled library for these sources, compiler, jaxlib and CPU; compiles it if not cached."""
-  cxx = _compiler()
-  march = os.environ.get("RESNEXT_JAX_CPU_MARCH") or "native"
-  flags = ["-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
-  sources = sorted(glob.glob(os.path.join(CSRC, "*.cc")))
-  identity = [" ".join([cxx, *flags]).encode(), jaxlib.__version__.encode(), _cpu_fingerprint().encode()]
-  for path in sorted(glob.glob(os.path.join(CSRC, "*.*"))):  # sources and headers
-    with open(path, "rb") as f:
-      identity += [os.path.basename(path).encode(), f.read()]
-  key = hashlib.sha256(b"\0".join(identity)).hexdigest()[:16]
-  cache = os.environ.get("RESNEXT_JAX_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "resnext_jax")
-  path = os.path.join(cache, f"cpu_kernels_{key}.so")
-  if os.path.exists(path):
-    return path
-  os.makedirs(cache, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # compile beside, then rename: safe for parallel builds
-  os.close(fd)
-  logging.info("building the CPU kernels: %s", path)
-  try:
-    result = subprocess.run([cxx, *flags, *sources, "-o", tmp], capture_output=True, text=True)
-  except OSError as e:
-    result = subprocess.CompletedProcess([cxx], 1, "", str(e))
-  if result.returncode != 0:
-    os.unlink(tmp)
-    raise KernelUnavailable(f"building the CPU kernels with {cxx} failed:\n{result.stderr[-2000:]}")
-  os.replace(tmp, path)
-  return path
+  for symbol, name in TARGETS.items():
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+  lib.ResnextJaxIsa.restype = ctypes.c_char_p
+  return path, lib.ResnextJaxIsa().decode(), int(lib.ResnextJaxLanes())
 
 
 def target(symbol):
   """The registered FFI target name of handler `symbol` (builds and registers the kernels on first use)."""
   load()
   return TARGETS[symbol]
+
+
+def isa():
+  """(ISA name, floats per vector) the loaded library was compiled for, e.g. ('avx2', 8)."""
+  _, name, lanes = load()
+  return name, lanes
+
+
+def march():
+  """The -march the kernels are built for: $RESNEXT_JAX_CPU_MARCH, or 'native'."""
+  return os.environ.get("RESNEXT_JAX_CPU_MARCH") or "native"
+
+
+def executable_marches():
+  """x86-64 micro-architecture levels this CPU can run (e.g. ['x86-64-v2', 'x86-64-v3']); [] elsewhere.
+
+  Lets the tests run the kernels built for every vector width the machine can execute, not only its own.
+  """
+  if platform.machine() not in ("x86_64", "AMD64"):
+    return []
+  flags = _cpu_flags()
+  levels = [("x86-64-v2", {"sse4_2", "popcnt", "ssse3"}),
+            ("x86-64-v3", {"avx2", "fma", "bmi2", "f16c", "movbe"}),
+            ("x86-64-v4", {"avx512f", "avx512bw", "avx512dq", "avx512vl"})]
+  return [name for name, needed in levels if needed <= flags]
+
+
+def _cpu_flags():
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next((set(l.split(":", 1)[1].split()) for l in f if l.startswith("flags")), set())
+  except OSError:
+    return set()
+
+
+def _compiler():
+  cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+  if not cxx:
+    raise KernelUnavailable("no C++ compiler found (set CXX, or install g++ or clang++) to build the CPU kernels")
+  return cxx
+
+
+def _run(cmd):
+  try:
+    return subprocess.run(cmd, capture_output=True, text=True)
+  except OSError as e:
+    return subprocess.CompletedProcess(cmd, 1, "", str(e))
+
+
+def _target_flags(cxx):
+  """Flags that select the target ISA, and the compiler's predefined macros for them (the cache's CPU key).
+
+  `-march=native` where the compiler takes it (GCC everywhere, clang on x86 and recent Arm), else
+  `-mcpu=native` (older clang on Arm).
+  """
+  choices = [[f"-march={march()}"]] if march() != "native" else [["-march=native"], ["-mcpu=native"]]
+  for flags in choices:
+    probe = _run([cxx, *flags, "-dM", "-E", "-x", "c++", os.devnull])
+    if probe.returncode == 0:
+      return flags, probe.stdout
+  raise KernelUnavailable(f"building the CPU kernels with {cxx} failed: it rejects {choices[0][0]}:\n"
+                          f"{probe.stderr[-2000:]}")
+
+
+def cache_dir():
+  return os.environ.get("RESNEXT_JAX_CACHE") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "resnext_jax")
+
+
+@functools.cache
+def library_key():
+  """Hex digest naming the library for these sources, compiler, flags, target and jaxlib."""
+  cxx = _compiler()
+  target_flags, macros = _target_flags(cxx)
+  identity = [" ".join([cxx, *target_flags, *_FLAGS]).encode(), macros.encode(), jaxlib.__version__.encode()]
+  for path in sorted(glob.glob(os.path.join(CSRC, "*.*"))):  # sources and headers
+    with open(path, "rb") as f:
+      identity += [os.path.basename(path).encode(), f.read()]
+  return hashlib.sha256(b"\0".join(identity)).hexdigest()[:16]
+
+
+_FLAGS = ["-O3", "-std=c++17", "-fPIC"]
+
+
+def build():
+  """Path of the compiled library for this machine; compiles it if it is not in the cache."""
+  cxx = _compiler()
+  path = os.path.join(cache_dir(), f"cpu_kernels_{library_key()}.so")
+  if os.path.exists(path):
+    return path
+  os.makedirs(cache_dir(), exist_ok=True)
+  target_flags, _ = _target_flags(cxx)
+  print(f"resnext_jax: building the CPU kernels for this machine ({' '.join(target_flags)}, {cxx}) ...",
+        file=sys.stderr, flush=True)
+  start = time.perf_counter()
+  with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:  # build beside, then rename: safe for parallel builds
+    objects = _compile_all(cxx, target_flags, tmp)
+    library = os.path.join(tmp, "kernels.so")
+    _check(_run([cxx, "-shared", *objects, "-o", library]), cxx, "linking")
+    os.replace(library, path)
+  print(f"resnext_jax: built the CPU kernels in {time.perf_counter() - start:.1f} s: {path}", file=sys.stderr,
+        flush=True)
+  return path
+
+
+def _compile_all(cxx, target_flags, out_dir):
+  """Each source as its own translation unit, one compiler per core, the largest sources first."""
+  sources = sorted(glob.glob(os.path.join(CSRC, "*.cc")), key=os.path.getsize, reverse=True)
+  include = f"-I{jax.ffi.include_dir()}"
+  commands = {src: [cxx, *_FLAGS, *target_flags, include, "-c", src, "-o",
+                    os.path.join(out_dir, os.path.basename(src) + ".o")] for src in sources}
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(len(sources), os.cpu_count() or 1))) as pool:
+    results = dict(zip(sources, pool.map(_run, commands.values())))
+  for src, result in results.items():
+    _check(result, cxx, os.path.basename(src))
+  return [cmd[-1] for cmd in commands.values()]
+
+
+def _check(result, cxx, what):
+  if result.returncode != 0:
+    raise KernelUnavailable(f"building the CPU kernels with {cxx} failed ({what}):\n{result.stderr[-2000:]}")

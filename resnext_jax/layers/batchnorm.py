@@ -3,7 +3,8 @@
 The layer also takes the ReLU and the residual add that follow it in a ResNeXt block, act(BN(x) + shortcut),
 so that one pass over memory does all three. Two implementations:
 
-- 'auto' on CPU (NHWC float32): our kernels (resnext_jax/cpu/batch_norm.py): one pass for the statistics, one to apply; in
+- 'auto' on CPU (NHWC float32), where they measure faster for the layer (cpu/autotune.py): our kernels
+  (resnext_jax/cpu/batch_norm.py): one pass for the statistics, one to apply; in
   the backward one for the two sums and one for the input gradient. In XLA each sum is its own reduction and
   the elementwise chains are recomputed inside every consumer; batch norm then cost more than the 1x1
   convolutions' gradients in a train step (docs/performance.md).
@@ -14,6 +15,7 @@ Same variables as nn.BatchNorm ('scale', 'bias'; batch_stats 'mean', 'var'), so 
 interchangeable; arithmetic in float32 at least, whatever the compute dtype.
 """
 
+import contextlib
 import functools
 from typing import Any
 
@@ -49,13 +51,13 @@ class BatchNorm(nn.Module):
     scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
     bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
     dtype = self.dtype or jnp.result_type(x, scale)
-    fast = cpu.batch_norm_ops(x, scale, bias, shortcut) if self.impl == "auto" else None
+    fast = self._kernels(x, scale, bias, shortcut, relu) if self.impl == "auto" else None
     if self.use_running_average:
       f = _compute_dtype(x)
       inv = jax.lax.rsqrt(ra_var.value.astype(f) + self.epsilon) * scale.astype(f)
       shift = bias.astype(f) - ra_mean.value.astype(f) * inv
       if fast is not None:
-        return fast.apply(x, inv, shift, shortcut, relu).astype(dtype)
+        return fast.apply_running(x, inv, shift, shortcut, relu).astype(dtype)
       return _activate((x.astype(f) * inv + shift).astype(dtype), shortcut, relu)
     if fast is not None:
       y, mean, var = fast.normalize(x, scale, bias, shortcut, self.epsilon, relu)
@@ -67,6 +69,25 @@ class BatchNorm(nn.Module):
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
     return y
+
+  def _kernels(self, x, scale, bias, shortcut, relu):
+    """Our CPU kernels (cpu/batch_norm.py) where they apply and measure faster than XLA for this layer."""
+    fast = cpu.batch_norm_ops(x, scale, bias, shortcut)
+    if fast is None:
+      return None
+    train, eps = not self.use_running_average, self.epsilon
+    if train:
+      kernel = lambda x, s, b, *sc: fast.normalize(x, s, b, sc[0] if sc else None, eps, relu)[0]
+      xla = lambda x, s, b, *sc: _activate(_normalize(x, s, b, eps)[0], sc[0] if sc else None, relu)
+    else:
+      kernel = lambda x, s, b, *sc: fast.apply_running(x, s, b, sc[0] if sc else None, relu)
+      xla = lambda x, s, b, *sc: _activate(x * s + b, sc[0] if sc else None, relu)
+    args = (x, scale, bias) + (() if shortcut is None else (shortcut,))
+    with contextlib.nullcontext() if not self.is_initializing() else cpu.autotune.using_table():
+      choice = cpu.autotune.choose(f"batch_norm {'train' if train else 'eval'} relu={relu}",
+                                   {"kernel": kernel, "xla": xla}, args, "kernel", batched=(0, 3),
+                                   backward=train)
+    return fast if choice == "kernel" else None
 
 
 def _activate(y, shortcut, relu):

@@ -13,17 +13,19 @@ only in how XLA is asked to compute it, because XLA's speed depends heavily on t
   fast dense (Eigen) convolution, and autodiff of dense convs avoids the grouped backward.
 - 'matmul': im2col (one shifted slice per tap) and 2D matmuls, per super-group for grouped convs. A 1x1
   conv is then a single matmul, whose backward is two matmuls: on CPU ~6x faster than the conv's.
-- 'kernel': our own CPU kernels through XLA's FFI: grouped convs (csrc/grouped_conv.cc, conv_kernel.py), the
-  grouped conv itself with no wasted FLOPs, no split or concatenation; and 1x1 convs (csrc/matmul.cc,
-  matmul_kernel.py), a register-blocked GEMM faster than the YNNPACK dots XLA calls. Forward, input and
-  kernel gradients. Layers they do not cover (the stem, channels not multiples of 16, float64) run as 'auto'
-  would without them.
-- 'auto': per backend and layer shape, from the measurements in docs/performance.md (see `_auto`).
+- 'kernel': our own CPU kernels through XLA's FFI (resnext_jax/cpu/): grouped convs, the grouped conv itself
+  with no wasted FLOPs, no split or concatenation; and 1x1 convs, a register-blocked GEMM. Forward, input and
+  kernel gradients, sized for the machine's vector ISA. Layers they do not cover (the stem, channels not
+  multiples of 16, float64) run as 'blockdiag' (grouped) or 'matmul' (1x1) or 'xla'.
+- 'auto': 'xla' on GPU/TPU; on CPU the fastest of the kernel and the portable implementations for each layer
+  shape, timed on this machine on first use and cached (see `_auto` and resnext_jax/cpu/autotune.py).
 
 The XLA:CPU options the training and eval steps are compiled with (resnext_jax/cpu/options.py) are part of
 what makes these formulations fast on CPU.
 """
 
+import contextlib
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -34,39 +36,53 @@ from resnext_jax import cpu
 
 IMPLS = ("auto", "xla", "blockdiag", "matmul", "kernel")
 
-def conv_general(x, kernel, strides, padding, groups, impl="auto"):
-  """NHWC x HWIO convolution with explicit padding ((top, bottom), (left, right)) and `groups` groups."""
+PORTABLE_IMPLS = ("xla", "blockdiag", "matmul")  # plain XLA on every backend: what an exported artifact may use
+
+
+def conv_general(x, kernel, strides, padding, groups, impl="auto", measure=True):
+  """NHWC x HWIO convolution with explicit padding ((top, bottom), (left, right)) and `groups` groups.
+
+  With `measure=False`, 'auto' takes the recorded default rather than timing the layer (for initialisation,
+  where any implementation will do).
+  """
   if impl not in IMPLS:
     raise ValueError(f"unknown conv impl {impl!r}; choose one of {IMPLS}")
+  strides, padding = tuple(strides), tuple(map(tuple, padding))
   if impl == "auto":
-    impl = _auto(kernel.shape, groups, jax.default_backend())
-  return _IMPL_FNS[impl](x, kernel, tuple(strides), tuple(map(tuple, padding)), groups)
+    impl = _auto(x, kernel, strides, padding, groups, measure)
+  return _IMPL_FNS[impl](x, kernel, strides, padding, groups)
 
 
-# What 'auto' runs, by (backend, layer kind): the fastest forward+backward per layer in docs/performance.md
-# (benchmarks/conv_layers.py, 2-core CPU, with `compiler_options()`), checked on the whole train step (stride-2
-# grouped convs are faster per layer as 'matmul' but slow the whole step). Backends not listed get 'xla':
-# cuDNN / TPU convolutions, the reasonable default there; not measured (no accelerator was available).
-_AUTO = {
-    ("cpu", "grouped"): "kernel",      # 56x56x128, 32 groups: 33 ms vs 'blockdiag' 103, XLA's 22 s fwd+bwd
-    ("cpu", "1x1"): "kernel",          # our GEMM; 'matmul' (XLA's dot, 56x56 256->128: 97 ms vs 490 fwd+bwd) where
-                                       # the kernel cannot run
-    ("cpu", "dense"): "xla",           # the 7x7 stem: im2col costs more than it saves
-}
-_KERNEL_FALLBACK = {"grouped": "blockdiag", "1x1": "matmul"}  # where the kernels cannot run: next best on CPU
+# 'auto' on CPU times these per layer shape (cpu/autotune.py) and keeps the fastest, adding 'kernel' where our
+# kernels cover the layer. XLA's own grouped conv is not a candidate: its backward takes seconds per layer
+# (22 s for 56x56x128 with 32 groups, batch 32), far from the others. Other backends run 'xla' (cuDNN, the TPU
+# convolution unit): not measured (no accelerator was available).
+_CPU_CANDIDATES = {"grouped": ("blockdiag", "matmul"), "1x1": ("matmul", "xla"), "dense": ("xla", "matmul")}
+# The recorded defaults where nothing is timed (measuring off, several processes): the fastest forward+backward
+# per layer on the 2-core AVX-512 machine (docs/performance.md): grouped 56x56x128 kernel 33 ms vs blockdiag
+# 103; 1x1 56x56 256->128 kernel 50 vs matmul 63 (XLA's conv 490); the 7x7 stem: im2col costs more than it saves.
+_CPU_DEFAULTS = {"grouped": "kernel", "1x1": "kernel", "dense": "xla"}
+_KERNEL_FALLBACK = {"grouped": "blockdiag", "1x1": "matmul"}  # 'kernel' on layers the kernels do not cover
 
 
 def _kind(kernel_shape, groups):
   return "grouped" if groups > 1 else "1x1" if tuple(kernel_shape[:2]) == (1, 1) else "dense"
 
 
-def _auto(kernel_shape, groups, backend):
-  """The implementation `_AUTO` records as fastest for this backend and kind of layer."""
-  kind = _kind(kernel_shape, groups)
-  impl = _AUTO.get((backend, kind), "xla")
-  if impl == "kernel" and not cpu.available():
-    return _KERNEL_FALLBACK[kind]
-  return impl
+def _auto(x, kernel, strides, padding, groups, measure=True, backend=None):
+  """'xla' off the CPU; on the CPU the fastest candidate for this layer, measured (cpu/autotune.py)."""
+  if (backend or jax.default_backend()) != "cpu":
+    return "xla"
+  kind = _kind(kernel.shape, groups)
+  impls = list(_CPU_CANDIDATES[kind])
+  if cpu.conv_op(x, kernel, strides, padding, groups) is not None:
+    impls.insert(0, "kernel")
+  fns = {impl: functools.partial(_IMPL_FNS[impl], strides=strides, padding=padding, groups=groups)
+         for impl in impls}
+  default = _CPU_DEFAULTS[kind] if _CPU_DEFAULTS[kind] in impls else impls[0]
+  with contextlib.nullcontext() if measure else cpu.autotune.using_table():
+    return cpu.autotune.choose(f"conv {kind} stride{strides[0]} pad{padding[0][0]} groups{groups}", fns,
+                               (x, kernel), default)
 
 
 def _xla(x, kernel, strides, padding, groups):
@@ -145,7 +161,7 @@ def _kernel(x, kernel, strides, padding, groups):
   fast = cpu.conv_op(x, kernel, strides, padding, groups)
   if fast is not None:
     return fast(x, kernel)
-  impl = _KERNEL_FALLBACK.get(kind) or _AUTO[("cpu", kind)]
+  impl = _KERNEL_FALLBACK.get(kind) or _CPU_DEFAULTS[kind]
   return _IMPL_FNS[impl](x, kernel, strides, padding, groups)
 
 
@@ -178,8 +194,8 @@ class Conv(nn.Module):
     kernel_shape = (*self.kernel_size, in_features // self.feature_group_count, self.features)
     kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    y = conv_general(x, kernel, tuple(self.strides), tuple(map(tuple, self.padding)),
-                     self.feature_group_count, self.impl)
+    y = conv_general(x, kernel, self.strides, self.padding, self.feature_group_count, self.impl,
+                     measure=not self.is_initializing())
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(y.dtype)
     return y

@@ -4,7 +4,7 @@ Autodiff of `lax.reduce_window(max)` gives a variadic reduce-window over (value,
 150 ms of a 3.1 s ResNeXt-50 train step for the stem's single 3x3/2 pool (docs/performance.md). Two
 implementations of the same function:
 
-- 'auto' on CPU (NHWC float32): our kernels (resnext_jax/cpu/max_pool.py), one pass forward and one backward.
+- 'auto' on CPU (NHWC float32), where they measure faster (cpu/autotune.py): our kernels (resnext_jax/cpu/max_pool.py), one pass forward and one backward.
 - XLA ('xla', and 'auto' elsewhere): reduce-window forward; the backward is elementwise work: for each tap, a
   mask (input == output, no earlier tap taken) routes the output gradient back with a strided pad, and XLA
   fuses the taps into one pass.
@@ -26,9 +26,10 @@ def max_pool(x, window, strides, padding, impl="auto"):
   if impl not in IMPLS:
     raise ValueError(f"unknown max-pool impl {impl!r}; choose one of {IMPLS}")
   args = (tuple(window), tuple(strides), tuple(map(tuple, padding)))
-  if impl == "auto":
-    fast = cpu.max_pool_op(x, *args)
-    if fast is not None:
+  fast = cpu.max_pool_op(x, *args) if impl == "auto" else None
+  if fast is not None:
+    portable = lambda v: _max_pool(v, *args)
+    if cpu.autotune.choose("max_pool", {"kernel": fast, "xla": portable}, (x,), "kernel") == "kernel":
       return fast(x)
   return _max_pool(x, *args)
 

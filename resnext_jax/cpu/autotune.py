@@ -1,0 +1,196 @@
+"""'auto' that measures: the fastest implementation of each layer on this machine, timed once and cached.
+
+Why: which implementation is fastest depends on the machine. Our kernels, tuned on an AVX-512 machine, ran
+4x faster than XLA's formulations there and 10x slower on an AVX2 one (docs/performance.md); a table written
+on one machine is wrong on another. So on a CPU, the first time a layer shape is traced, `choose` times every
+candidate (forward and backward, the work of a train step; forward only for inference-only layers) with the
+steps' compiler options on up to 8 images of that shape, keeps the fastest and caches the choice beside the
+kernel library. The cache is keyed by this machine's kernel library (sources, compiler, target ISA, jaxlib)
+and jax's version; later runs read it and time nothing.
+
+- $RESNEXT_JAX_AUTOTUNE=off (or `using_table()`) uses each layer's recorded default instead of timing:
+  deterministic and free, for tests and for tracing that only needs shapes (summary, init).
+- Runs of several processes use the recorded defaults: every process must compile the same program, and
+  hosts may time differently.
+- Processes on one machine agree: a choice in the cache file is never replaced; a process that timed a layer
+  another process has recorded meanwhile takes the recorded choice.
+- `explain()` collects every decision (layer, candidates, milliseconds, reason) while a model is traced:
+  `python -m resnext_jax.summary MODEL --explain` prints them.
+"""
+
+import concurrent.futures
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnext_jax.cpu import build, options
+from resnext_jax.errors import KernelUnavailable
+
+MAX_IMAGES = 8            # images per timing: the relative speed of two implementations hardly depends on more
+MIN_SECONDS = 0.05        # each candidate is run at least 3 times and for at least this long (best run counts)
+
+_memory = {}              # signature -> choice, this process
+_explain_logs = []        # active explain() lists
+_local = threading.local()  # .table: using_table() depth
+
+
+def enabled():
+  """Whether choices are timed here (a CPU backend, one process, not switched off)."""
+  off = os.environ.get("RESNEXT_JAX_AUTOTUNE", "on").lower() in ("0", "off", "false", "table")
+  return (not off and not getattr(_local, "table", 0) and jax.default_backend() == "cpu"
+          and jax.process_count() == 1)
+
+
+@contextlib.contextmanager
+def using_table():
+  """Within this block (this thread), every choice is the recorded default: nothing is timed."""
+  _local.table = getattr(_local, "table", 0) + 1
+  try:
+    yield
+  finally:
+    _local.table -= 1
+
+
+@contextlib.contextmanager
+def explain():
+  """Yields a list that receives one dict per decision taken while the block runs."""
+  log = []
+  _explain_logs.append(log)
+  try:
+    yield log
+  finally:
+    _explain_logs.remove(log)
+
+
+def choose(op, candidates, args, default, *, batched=(0,), backward=True):
+  """The name of the fastest of `candidates` ({name: fn(*args) -> array}) for arguments shaped like `args`.
+
+  `op` names the layer kind ('conv grouped', 'batch_norm train', ...); the decision is keyed by it and the
+  arguments' shapes and dtypes. `default` is the recorded choice, used where nothing is timed. `batched` are
+  the positions of the arguments whose first axis is the batch (cut to MAX_IMAGES for timing).
+  """
+  names = list(candidates)
+  if default not in names:
+    default = names[0]
+  signature = _signature(op, args, backward)
+  if len(names) == 1:
+    return _decided(op, signature, names[0], "the only implementation that applies")
+  if not enabled():
+    return _decided(op, signature, default, _why_table())
+  if signature in _memory:
+    return _decided(op, signature, _memory[signature], "measured earlier in this process")
+  recorded = _read_cache().get(signature)
+  if recorded in names:
+    _memory[signature] = recorded
+    return _decided(op, signature, recorded, "measured on this machine before (cache)")
+  structs = [_shrink(a, i in batched) for i, a in enumerate(args)]
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:  # outside the caller's trace (trace state is per thread)
+    times = pool.submit(_time_all, candidates, structs, backward).result()
+  fastest = min(times, key=times.get)
+  choice = _record(signature, fastest)
+  _memory[signature] = choice
+  reason = "measured now" if choice == fastest else "recorded by another process meanwhile"
+  return _decided(op, signature, choice, reason, times)
+
+
+def _signature(op, args, backward):
+  shapes = " ".join(f"{jnp.dtype(a.dtype).name}{list(a.shape)}" for a in args)
+  return f"{op} {'fwd+bwd' if backward else 'fwd'} {shapes}"
+
+
+def _why_table():
+  if jax.default_backend() != "cpu":
+    return f"recorded default for {jax.default_backend()} (measuring is for CPUs)"
+  if jax.process_count() > 1:
+    return "recorded default (several processes must compile the same program)"
+  return "recorded default (measuring switched off)"
+
+
+def _decided(op, signature, choice, reason, times=None):
+  for log in _explain_logs:
+    log.append(dict(op=op, signature=signature, choice=choice, reason=reason,
+                    ms={k: round(v * 1e3, 3) for k, v in (times or {}).items()}))
+  return choice
+
+
+def _shrink(a, batched):
+  shape = (min(a.shape[0], MAX_IMAGES), *a.shape[1:]) if batched and a.ndim else a.shape
+  return jax.ShapeDtypeStruct(shape, a.dtype)
+
+
+def _time_all(candidates, structs, backward):
+  rng = np.random.default_rng(0)
+  arrays = [jnp.asarray(rng.standard_normal(s.shape, np.float32), s.dtype) for s in structs]
+  return {name: _seconds(fn, arrays, backward) for name, fn in candidates.items()}
+
+
+def _seconds(fn, arrays, backward):
+  """Best wall time of one call of fn (and its gradient if `backward`), compiled as the steps are."""
+  if backward:
+    out = jax.eval_shape(fn, *arrays)
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal(out.shape, np.float32), out.dtype)
+    loss = lambda *a: jnp.vdot(fn(*a).astype(jnp.float32), weights.astype(jnp.float32))
+    run = jax.grad(loss, argnums=tuple(range(len(arrays))))
+  else:
+    run = fn
+  compiled = jax.jit(run, compiler_options=options.compiler_options()).lower(*arrays).compile()
+  jax.block_until_ready(compiled(*arrays))
+  best, spent, runs = float("inf"), 0.0, 0
+  while runs < 3 or spent < MIN_SECONDS:
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*arrays))
+    elapsed = time.perf_counter() - start
+    best, spent, runs = min(best, elapsed), spent + elapsed, runs + 1
+  return best
+
+
+def cache_path():
+  """The choices file for this machine, kernel library and jax version."""
+  try:
+    machine = build.library_key()
+  except KernelUnavailable:  # no kernels here: the portable choices still depend on the CPU
+    machine = hashlib.sha256(_cpu_identity().encode()).hexdigest()[:16]
+  key = hashlib.sha256(f"{machine} {jax.__version__}".encode()).hexdigest()[:16]
+  return os.path.join(build.cache_dir(), f"autotune_{key}.json")
+
+
+def _cpu_identity():
+  try:
+    with open("/proc/cpuinfo") as f:
+      return "".join(sorted({l for l in f if l.startswith(("model name", "flags", "Features", "CPU part"))}))
+  except OSError:
+    import platform  # pylint: disable=g-import-not-at-top
+    return platform.platform() + platform.processor()
+
+
+def _read_cache():
+  try:
+    with open(cache_path()) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def _record(signature, choice):
+  """Adds signature -> choice to the cache file unless present; returns the choice now recorded."""
+  path = cache_path()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    table = _read_cache()
+    if signature in table:
+      return table[signature]
+    table[signature] = choice
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+      json.dump(table, f, indent=0, sort_keys=True)
+    os.replace(tmp, path)
+  return choice

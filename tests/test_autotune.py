@@ -1,0 +1,99 @@
+"""'auto' measures on the machine it runs on: it times the candidates, keeps the fastest, caches the choice,
+never replaces a recorded one, and says why for every layer (summary --explain)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from resnext_jax.cpu import autotune
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def measuring(monkeypatch, tmp_path):
+  """Timing on (the suite runs with recorded defaults), a fresh cache, an empty in-process memory."""
+  monkeypatch.setenv("RESNEXT_JAX_AUTOTUNE", "on")
+  monkeypatch.setattr(autotune, "cache_path", lambda: str(tmp_path / "autotune.json"))
+  monkeypatch.setattr(autotune, "_memory", {})
+  return tmp_path / "autotune.json"
+
+
+def _candidates():
+  """'slow' does the same work 40 times over: any honest timing ranks it last."""
+  fast = lambda x: jnp.tanh(x)
+  def slow(x):
+    for _ in range(40):
+      x = jnp.tanh(x @ jnp.eye(x.shape[-1], dtype=x.dtype))
+    return x
+  return {"slow": slow, "fast": fast}
+
+
+def test_times_the_candidates_and_keeps_the_fastest(measuring):
+  x = jax.ShapeDtypeStruct((64, 128), jnp.float32)
+  with autotune.explain() as log:
+    assert autotune.choose("toy", _candidates(), (x,), default="slow") == "fast"
+    assert autotune.choose("toy", _candidates(), (x,), default="slow") == "fast"
+  assert log[0]["reason"] == "measured now" and log[0]["ms"]["slow"] > log[0]["ms"]["fast"] > 0
+  assert log[1]["reason"] == "measured earlier in this process"
+  assert list(json.loads(measuring.read_text()).values()) == ["fast"]
+
+
+def test_a_recorded_choice_is_used_and_never_replaced(measuring):
+  """Another process (or an earlier run) recorded 'slow': this one takes it, so processes agree."""
+  x = jax.ShapeDtypeStruct((64, 128), jnp.float32)
+  signature = autotune._signature("toy", (x,), True)  # pylint: disable=protected-access
+  measuring.write_text(json.dumps({signature: "slow"}))
+  with autotune.explain() as log:
+    assert autotune.choose("toy", _candidates(), (x,), default="fast") == "slow"
+  assert log[0]["reason"] == "measured on this machine before (cache)"
+  assert autotune._record(signature, "fast") == "slow"  # pylint: disable=protected-access
+  assert json.loads(measuring.read_text()) == {signature: "slow"}
+
+
+def test_switched_off_the_recorded_default_is_used_and_nothing_is_timed(measuring, monkeypatch):
+  x = jax.ShapeDtypeStruct((64, 128), jnp.float32)
+  with autotune.using_table():
+    assert autotune.choose("toy", _candidates(), (x,), default="slow") == "slow"
+  monkeypatch.setenv("RESNEXT_JAX_AUTOTUNE", "off")
+  assert autotune.choose("toy", _candidates(), (x,), default="slow") == "slow"
+  assert not measuring.exists()
+
+
+def test_explain_names_every_layer_and_a_second_process_times_nothing(tmp_path):
+  """`summary --explain` in a fresh cache times each layer; run again, every choice comes from the cache."""
+  env = dict(os.environ, RESNEXT_JAX_AUTOTUNE="on", RESNEXT_JAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "resnext_jax.summary", "resnext11_4x16d", "--explain", "--batch-size", "4"]
+  first = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+  assert first.returncode == 0, first.stderr[-3000:]
+  rows = [l for l in first.stdout.splitlines() if l.startswith(("conv1", "bn1", "layer"))]
+  assert any(l.startswith("layer1_0/conv2 ") and "conv grouped" in l for l in rows), first.stdout
+  assert any(l.startswith("layer3_0/bn3 ") and "batch_norm train" in l for l in rows), first.stdout
+  assert "measured now" in first.stdout
+  second = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "measured now" not in second.stdout and "(cache)" in second.stdout
+  layer_op_choice = lambda out: [l[:74] for l in out.splitlines() if l.startswith(("conv1", "bn1", "layer"))]
+  assert layer_op_choice(second.stdout) == layer_op_choice(first.stdout)  # same layers, same choices
+
+
+def test_a_measured_model_computes_what_the_recorded_defaults_compute(measuring):
+  """Whatever 'auto' picked, the model's outputs and gradients are the same function."""
+  from resnext_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.create_model("resnext11_4x16d", num_classes=10)
+  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  variables = model.init(jax.random.key(0), x)
+  def loss(params):
+    logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+    return jnp.sum(logits * jnp.arange(10.0))
+  measured = jax.jit(jax.value_and_grad(loss))(variables["params"])
+  with autotune.using_table():
+    recorded = jax.jit(jax.value_and_grad(loss))(variables["params"])
+  for a, b in zip(jax.tree.leaves(measured), jax.tree.leaves(recorded)):
+    assert jnp.allclose(a, b, rtol=2e-4, atol=2e-4)
+  assert measuring.exists()
