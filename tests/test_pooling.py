@@ -45,7 +45,9 @@ def test_bfloat16():
   np.testing.assert_array_equal(y, nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))))
 
 
-@pytest.mark.parametrize("channels", [5, 48])  # the kernel's scalar path; 16-channel vectors and a tail
+# 5: below one vector (16, 8 or 4 floats by ISA) but for 4-wide ones; 50 = 3 x 16 + 2 = 6 x 8 + 2 = 12 x 4 + 2:
+# vectors and a 2-channel scalar tail at every vector width.
+@pytest.mark.parametrize("channels", [5, 50])
 def test_cpu_kernel_equals_xla_formulation(channels):
   """impl 'auto' on CPU is our kernel (a custom call); same values and gradient as 'xla', ties included."""
   x = jnp.round(jax.random.normal(jax.random.key(3), (3, 11, 10, channels)) * 2) / 2  # many ties
