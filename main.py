@@ -31,45 +31,27 @@ flags.DEFINE_bool("retain_host_memory", True, "Keep freed host memory for reuse 
 flags.mark_flags_as_required(["workdir"])
 
 
-def _initialize_distributed():
-  """Joins the other processes: explicit flags, or JAX's cluster detection (TPU pod, SLURM, ...)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only runs: cross-process collectives
-  if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  else:
-    try:
-      jax.distributed.initialize()
-    except (ValueError, RuntimeError):  # no cluster detected: a single process
-      pass
-  logging.info("Process %d of %d; %d local / %d global devices.", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
   if FLAGS.retain_host_memory:
     from resnext_jax.cpu import host_memory  # pylint: disable=g-import-not-at-top
     host_memory.retain_freed_memory()    # before JAX and TensorFlow start their threads
-  from resnext_jax import (  # pylint: disable=g-import-not-at-top
-      checkpoint, cpu, evaluate, input_pipeline, optim, predict, train)
-  user_errors = (optim.ConfigError, checkpoint.CheckpointError, input_pipeline.DataError, train.TrainingError,
-                 cpu.KernelUnavailable)
+  from resnext_jax import errors, evaluate, predict, runtime, train  # pylint: disable=g-import-not-at-top
   try:
-    _initialize_distributed()
+    runtime.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if FLAGS.mode == "train":
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "eval":
       evaluate.evaluate(FLAGS.config, FLAGS.workdir)
     else:
       if not FLAGS.predict_files:
-        raise optim.ConfigError("--mode=predict needs --predict_files=a.jpg,b.png")
+        raise errors.ConfigError("--mode=predict needs --predict_files=a.jpg,b.png")
       failed = predict.predict(FLAGS.config, FLAGS.workdir, FLAGS.predict_files)
       if failed:
         print(f"error: {failed} of {len(FLAGS.predict_files)} files could not be predicted", file=sys.stderr)
         sys.exit(1)
-  except user_errors as e:
+  except errors.ResNeXtError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

@@ -6,7 +6,7 @@
 Forward is the conv alone; 'fwd+bwd' is the conv plus the gradients a train step needs (input and kernel;
 kernel only for the stem, whose input is the image). Prints one line per layer and implementation: the
 best-of-`repeats` milliseconds, compiled with the options the training job uses (`cpu.compiler_options()`).
-These figures choose `auto` in resnext_jax/conv.py (docs/performance.md).
+These figures choose `auto` in resnext_jax/layers/conv.py (docs/performance.md).
 """
 
 import argparse

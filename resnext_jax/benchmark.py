@@ -2,10 +2,11 @@
 metrics) or eval step, after compilation, on synthetic data sharded over every device.
 
     python -m resnext_jax.benchmark --model resnext50_32x4d --batch-size 32 --mode train --steps 3 \
-        [--impl auto] [--dtype bfloat16] [--compare-torch] [--config configs/imagenet_resnext50.py]
+        [--impl auto] [--dtype bfloat16] [--compare-torch] [--config imagenet_resnext50]
 
 The recipe (momentum, weight decay, label smoothing, EMA, ...) comes from --config, so the step timed is the
-step `main.py` runs with that config.
+step `main.py` runs with that config: a recipe's name in resnext_jax/configs (shipped with the package, so
+this runs from an installed resnext_jax too), or the path of a config file of one's own.
 
 Both processes run with the host-memory setting main.py uses (`--host-malloc retain`, see cpu/host_memory.py:
 freed memory is reused rather than faulted in anew every step), or both with glibc's defaults (`system`).
@@ -18,6 +19,7 @@ TensorFlow in one process crash) and torch is imported only there: it is an opti
 """
 
 import argparse
+import importlib
 import importlib.util
 import json
 import os
@@ -26,14 +28,12 @@ import sys
 import time
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from resnext_jax import models
 from resnext_jax.cpu import host_memory
 from resnext_jax.layers import conv
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_TRAIN_EXAMPLES = 1_281_167  # only shapes the learning-rate schedule, which does not change the cost
 
 # One ResNeXt-50 32x4d 224 training image costs about 3 x 8.46 GFLOP (forward + 2x for the backward).
@@ -52,19 +52,25 @@ def parse_args(argv=None):
   p.add_argument("--compare-torch", action="store_true")
   p.add_argument("--host-malloc", choices=("retain", "system"), default="retain",
                  help="keep freed host memory for reuse (as main.py does) or glibc's defaults; both processes")
-  p.add_argument("--config", default=os.path.join(REPO, "configs", "imagenet_resnext50.py"),
-                 help="training config whose recipe the timed step uses")
+  p.add_argument("--config", default="imagenet_resnext50",
+                 help="training recipe the timed step uses: a name in resnext_jax/configs, or a config file's path")
   p.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)  # the --compare-torch child
   return p.parse_args(argv)
 
 
-def load_config(path, args):
-  """`path`'s get_config() with the benchmark's model, batch, image size, conv impl and precision."""
-  sys.path.insert(0, REPO)  # config files import `configs.default`, as under main.py
-  spec = importlib.util.spec_from_file_location("benchmark_config", path)
+def _recipe(name_or_path):
+  """The config module: resnext_jax.configs.<name>, or the file at a path (one ending in .py)."""
+  if not name_or_path.endswith(".py"):
+    return importlib.import_module(f"resnext_jax.configs.{name_or_path}")
+  spec = importlib.util.spec_from_file_location("benchmark_config", name_or_path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  return module
+
+
+def load_config(recipe, args):
+  """`recipe`'s get_config() with the benchmark's model, batch, image size, conv impl and precision."""
+  config = _recipe(recipe).get_config()
   config.update(model=args.model, batch_size=args.batch_size, eval_batch_size=args.batch_size,
                 image_size=args.image_size, conv_impl=args.impl, half_precision=args.dtype == "bfloat16",
                 grad_accum_steps=1)
@@ -86,17 +92,17 @@ def time_steps(run, state, steps):
 
 def benchmark_jax(args):
   """images/s of train.compile_train_step or evaluate.compile_eval_step, as the training job builds them."""
-  from resnext_jax import evaluate, optim, train  # they import TensorFlow, which the torch child must not
+  from resnext_jax import evaluate, optim, runtime, train  # they import TensorFlow, which the torch child must not
 
   config = load_config(args.config, args)
-  mesh = evaluate.make_mesh()
-  evaluate.check_batch_size("--batch-size", args.batch_size, mesh)
-  model = evaluate.build_model(config, models.create_model(args.model).num_classes)
+  mesh = runtime.make_mesh()
+  runtime.check_batch_size("--batch-size", args.batch_size, mesh)
+  model = models.from_config(config, models.create_model(args.model).num_classes)
   image_shape = (args.image_size, args.image_size, 3)
   rng = np.random.default_rng(0)
   batch = jax.device_put({"image": rng.standard_normal((args.batch_size, *image_shape), np.float32),
                           "label": rng.integers(0, model.num_classes, args.batch_size).astype(np.int32),
-                          "mask": np.ones(args.batch_size, bool)}, NamedSharding(mesh, P("data")))
+                          "mask": np.ones(args.batch_size, bool)}, runtime.batch_sharded(mesh))
   schedule = optim.learning_rate_schedule(config, optim.durations(config, IMAGENET_TRAIN_EXAMPLES))
   tx = optim.create_optimizer(config, schedule)
   state, state_sharding = train.create_train_state(config, model, tx, mesh, image_shape)
@@ -171,7 +177,7 @@ def main(argv=None):
     return None
   result = dict(model=args.model, mode=args.mode, batch_size=args.batch_size, image_size=args.image_size,
                 dtype=args.dtype, impl=args.impl, host_malloc=args.host_malloc, backend=jax.default_backend(),
-                device=jax.devices()[0].device_kind, steps=args.steps, config=os.path.relpath(args.config, REPO))
+                device=jax.devices()[0].device_kind, steps=args.steps, config=args.config)
   result["images_per_sec"] = round(benchmark_jax(args), 3)
   if args.mode == "train" and args.model in TRAIN_GFLOP_PER_IMAGE_224:
     flops = result["images_per_sec"] * TRAIN_GFLOP_PER_IMAGE_224[args.model] * (args.image_size / 224) ** 2

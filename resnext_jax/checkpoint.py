@@ -3,23 +3,44 @@
 Each step directory holds up to three items, so every consumer restores only what it needs:
   'model': {'params', 'batch_stats'} (+ 'ema_params', 'ema_batch_stats' when an EMA is kept)
   'train': the rest of the training state (step, optimizer state, RNG, ...); absent in converted weights
-  'meta':  JSON: at least 'model' (registry name) and 'num_classes'; training adds its config
+  'meta':  JSON: at least 'model' (registry name) and 'num_classes'; training adds 'model_overrides' (the
+           architecture fields, models.config_overrides), 'ema' and its config
 Restoring takes abstract targets (shapes, dtypes, shardings), so a checkpoint written on one device layout
 restores onto any other. Orbax writes each step to a temporary directory and renames it when complete, so
-an interrupted save never damages an earlier, good checkpoint.
+an interrupted save never damages an earlier, good checkpoint. `load_variables` rebuilds the model a
+checkpoint's meta names and restores its weights: what eval, predict, export and fine-tuning start from.
 """
 
 import os
 from typing import Any
 
+from absl import logging
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from resnext_jax import models
+from resnext_jax import runtime
+from resnext_jax.errors import CheckpointError
 
 ITEMS = ("model", "train", "meta")
 CHECKPOINT_SUBDIR = "checkpoints"  # under a training workdir, beside the TensorBoard event files
 
 
-class CheckpointError(Exception):
-  """A checkpoint directory that is missing, empty or unreadable; the message names the path."""
+def model_item(params, batch_stats, ema_params=None, ema_batch_stats=None) -> dict:
+  """The 'model' item: the weights, and the EMA weights beside them under 'ema_' names when kept."""
+  item = {"params": params, "batch_stats": batch_stats}
+  if ema_params is not None:
+    item.update(ema_params=ema_params, ema_batch_stats=ema_batch_stats)
+  return item
+
+
+def inference_variables(item) -> dict:
+  """A 'model' item as eval and predict take it: {'params', 'batch_stats'[, 'ema': {'params', 'batch_stats'}]}."""
+  out = {"params": item["params"], "batch_stats": item["batch_stats"]}
+  if item.get("ema_params") is not None:
+    out["ema"] = {"params": item["ema_params"], "batch_stats": item["ema_batch_stats"]}
+  return out
 
 
 def create_manager(directory, *, max_to_keep=None, async_save=True, read_only=False):
@@ -101,3 +122,46 @@ def restore(directory, *, model_target, train_target=None, step=None) -> dict[st
   except Exception as e:
     raise CheckpointError(f"checkpoint {directory} step {step} could not be restored: {e}") from e
   return dict(step=step, model=restored["model"], train=restored.get("train"), meta=meta)
+
+
+# --- Inference: a checkpoint's weights in the architecture its meta names. ---
+
+
+def abstract_variables(model, image_shape, mesh) -> dict:
+  """{'params', 'batch_stats'} as ShapeDtypeStructs with replicated shardings: Orbax's restore target."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False))
+  return runtime.abstract_replicated({k: shapes[k] for k in ("params", "batch_stats")}, mesh)
+
+
+def inference_checkpoint(config, workdir) -> str:
+  """The workdir's checkpoints if it has any, else config.init_checkpoint (e.g. converted torchvision weights)."""
+  directory = checkpoint_directory(workdir)
+  if has_checkpoint(directory) or not config.init_checkpoint:
+    return directory
+  return checkpoint_directory(config.init_checkpoint)
+
+
+def load_variables(config, workdir, mesh, image_shape, step=None):
+  """restore_variables for `config`: the workdir's checkpoint (else config.init_checkpoint), config's conv impl
+  and precision."""
+  return restore_variables(inference_checkpoint(config, workdir), mesh, image_shape, step=step,
+                           conv_impl=config.conv_impl, half_precision=config.half_precision,
+                           frozen_stages=config.get("frozen_stages", 0))
+
+
+def restore_variables(directory, mesh, image_shape, *, step=None, conv_impl="auto", half_precision=False,
+                      frozen_stages=0):
+  """Restores a training or converted checkpoint for inference.
+
+  Returns (model, {'params', 'batch_stats'[, 'ema']}, step, meta); the architecture and class count come from
+  the checkpoint's meta, so any config (e.g. the one that trained it) evaluates it.
+  """
+  step, meta = load_meta(directory, step)
+  model = models.build(meta["model"], int(meta["num_classes"]), meta.get("model_overrides", {}),
+                       conv_impl=conv_impl, half_precision=half_precision, frozen_stages=frozen_stages)
+  target = abstract_variables(model, image_shape, mesh)
+  ema = (target["params"], target["batch_stats"]) if meta.get("ema") else ()  # restored beside the weights
+  target = model_item(target["params"], target["batch_stats"], *ema)
+  restored = restore(directory, model_target=target, step=step)
+  logging.info("Loaded %s (step %d, model %s, %d classes).", directory, step, meta["model"], meta["num_classes"])
+  return model, inference_variables(restored["model"]), step, meta

@@ -13,6 +13,8 @@ import sys
 
 import numpy as np
 
+from resnext_jax.errors import ConversionError
+
 # torchvision leaf -> (Flax collection, Flax leaf), per module kind.
 _LEAVES = {
     "conv": {"weight": ("params", "kernel")},
@@ -23,10 +25,6 @@ _LEAVES = {
 # PyTorch layouts -> Flax layouts: conv OIHW -> HWIO (grouped: O, I/groups, H, W -> H, W, I/groups, O).
 _LAYOUT = {"conv": (2, 3, 1, 0), "linear": (1, 0)}
 _IGNORED_LEAVES = ("num_batches_tracked",)
-
-
-class ConversionError(ValueError):
-  """A state dict that does not fit the model; the message names the tensor."""
 
 
 def _module_kind(flax_module):

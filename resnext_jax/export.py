@@ -16,11 +16,16 @@ import jax
 import jax.numpy as jnp
 from jax import export as jax_export
 
+from resnext_jax import checkpoint
+from resnext_jax import models
+from resnext_jax import runtime
+from resnext_jax.errors import CheckpointError, ResNeXtError
+from resnext_jax.layers.conv import PORTABLE_IMPLS  # pure XLA: the artifact runs wherever jax.export's does
+
 STABLEHLO_FILE = "model.stablehlo"
 SAVED_MODEL_DIR = "saved_model"
 META_FILE = "meta.json"
 DEFAULT_PLATFORMS = ("cpu", "cuda")
-PORTABLE_IMPLS = ("xla", "blockdiag", "matmul")  # pure XLA: the artifact runs wherever jax.export's does
 
 
 def _logits_fn(model):
@@ -69,27 +74,19 @@ def write_artifacts(model, variables, image_shape, output, *, meta, saved_model=
     export_saved_model(model, variables, image_shape, os.path.join(output, SAVED_MODEL_DIR))
 
 
-def _inference_config(conv_impl):
-  """What evaluate.load_variables reads of a config; the architecture itself comes from the checkpoint."""
-  import ml_collections
-  return ml_collections.ConfigDict(dict(conv_impl=conv_impl, half_precision=False, init_checkpoint="",
-                                        model_overrides={}, block_form="grouped", zero_init_last_bn=False))
-
-
 def export_workdir(workdir, output, *, step=None, image_size=None, saved_model=False, use_ema=False,
                    platforms=DEFAULT_PLATFORMS, conv_impl="xla"):
   """Loads the latest (or given) checkpoint of a training workdir or converted-weights directory and exports."""
-  from resnext_jax import checkpoint, evaluate, models
-
-  _, meta = checkpoint.load_meta(checkpoint.checkpoint_directory(workdir), step)
+  directory = checkpoint.checkpoint_directory(workdir)
+  _, meta = checkpoint.load_meta(directory, step)
   model_name = meta["model"]
   size = image_size or meta.get("image_size") or models.native_image_size(models.create_model(model_name))
   image_shape = (size, size, 3)
-  model, variables, step, meta = evaluate.load_variables(_inference_config(conv_impl), workdir,
-                                                         evaluate.make_mesh(), image_shape, step)
+  model, variables, step, meta = checkpoint.restore_variables(directory, runtime.make_mesh(), image_shape, step=step,
+                                                              conv_impl=conv_impl)
   if use_ema:
     if "ema" not in variables:
-      raise checkpoint.CheckpointError(f"checkpoint {workdir} step {step} keeps no EMA weights")
+      raise CheckpointError(f"checkpoint {workdir} step {step} keeps no EMA weights")
     variables = variables["ema"]
   variables = {k: variables[k] for k in ("params", "batch_stats")}
   info = dict(model=model_name, num_classes=meta["num_classes"], step=step, ema=use_ema,
@@ -111,12 +108,11 @@ def main(argv=None):
                       help="convolution implementation baked into the artifact (not 'kernel', a custom call "
                       "that exists only where resnext_jax compiled it, nor 'auto', which may pick it)")
   args = parser.parse_args(argv)
-  from resnext_jax import checkpoint
   try:
     info = export_workdir(args.workdir, args.output, step=args.step, image_size=args.image_size,
                           saved_model=args.saved_model, use_ema=args.ema,
                           platforms=tuple(args.platforms.split(",")), conv_impl=args.conv_impl)
-  except (checkpoint.CheckpointError, ValueError) as e:
+  except (ResNeXtError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"exported {info['model']} step {info['step']} to {args.output}")

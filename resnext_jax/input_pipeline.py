@@ -20,9 +20,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from resnext_jax import runtime
 from resnext_jax.datasets import sources
 from resnext_jax.datasets import transforms
-from resnext_jax.datasets.errors import DataError
+from resnext_jax.errors import DataError
 
 __all__ = ["DataError", "DatasetInfo", "get_dataset_info", "create_train_iterator", "create_eval_iterator",
            "preprocess_eval_image"]
@@ -58,7 +59,7 @@ def get_dataset_info(config) -> DatasetInfo:
 
 def create_train_iterator(config, mesh, *, start_step: int = 0) -> Iterator[dict]:
   """Endless {'image': f32 (B, H, W, 3), 'label': i32 (B,)} global batches; step k is the same from any start."""
-  _check_batch_size("batch_size", config.batch_size, mesh)
+  runtime.check_batch_size("batch_size", config.batch_size, mesh)
   if config.dataset == "synthetic":
     return _synthetic_batches(config, mesh, config.batch_size, num_batches=None)
   _tf_cpu_only()
@@ -69,7 +70,7 @@ def create_train_iterator(config, mesh, *, start_step: int = 0) -> Iterator[dict
 
 def create_eval_iterator(config, mesh) -> Iterator[dict]:
   """Finite {'image', 'label', 'mask' (bool)} global batches of eval_batch_size; each example has mask True once."""
-  _check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
+  runtime.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
   if config.dataset == "synthetic":
     num_batches = math.ceil(config.synthetic_num_examples / config.eval_batch_size)
     return _synthetic_batches(config, mesh, config.eval_batch_size, num_batches=num_batches)
@@ -161,13 +162,6 @@ def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 
 # --- JAX side. ---
-
-
-def _check_batch_size(name: str, batch_size: int, mesh) -> None:
-  processes, devices = jax.process_count(), mesh.devices.size
-  if batch_size <= 0 or batch_size % processes or batch_size % devices:
-    raise DataError(f"config.{name}={batch_size} must be a positive multiple of the number of processes "
-                    f"({processes}) and of the number of devices ({devices}).")
 
 
 def _global_batches(local_batches: Iterable[dict], mesh, global_batch_size: int, prefetch: int) -> Iterator[dict]:

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnext_jax.errors import ConfigError
 from resnext_jax.layers import pooling
 from resnext_jax.layers.batchnorm import BatchNorm
 from resnext_jax.layers.conv import HE_FAN_OUT, Conv, conv_general
@@ -247,6 +248,38 @@ def create_model(name, *, num_classes=None, dtype=jnp.float32, **overrides):
     kwargs["num_classes"] = num_classes
   _validate(name, kwargs)
   return ResNeXt(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# From a training config, or from a checkpoint's meta (whose architecture fields are JSON: lists, not tuples).
+
+
+def config_overrides(config) -> dict:
+  """The architecture fields of `config` beyond the registry's: model_overrides, block_form, zero_init_last_bn.
+
+  Training stores them in the checkpoint's meta, so that eval and predict rebuild the same architecture.
+  """
+  overrides = dict(config.model_overrides.items())
+  overrides.setdefault("block_form", config.block_form)
+  overrides.setdefault("zero_init_last_bn", config.zero_init_last_bn)
+  return overrides
+
+
+def from_config(config, num_classes: int):
+  """The model `config` trains (compute dtype from config.half_precision)."""
+  return build(config.model, num_classes, config_overrides(config), conv_impl=config.conv_impl,
+               half_precision=config.half_precision, frozen_stages=config.get("frozen_stages", 0))
+
+
+def build(name, num_classes: int, overrides: dict, *, conv_impl="auto", half_precision=False, frozen_stages=0):
+  """create_model for a config or a checkpoint's meta; an unknown name or impossible option is a ConfigError."""
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+  dtype = jnp.bfloat16 if half_precision else jnp.float32
+  try:
+    return create_model(name, num_classes=num_classes, dtype=dtype, conv_impl=conv_impl,
+                        frozen_stages=frozen_stages, **overrides)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
 
 
 def _validate(name, kw):

@@ -13,10 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from resnext_jax import models
-
-
-class ConfigError(ValueError):
-  """An inconsistent or invalid config value; the message names the field."""
+from resnext_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

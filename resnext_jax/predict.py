@@ -4,25 +4,39 @@ Prints one JSON line per file, in the order given: {"file", "top_k": [{"label", 
 {"file", "error"} for a file that is missing or not an image; the others are still predicted.
 """
 
+import functools
+import importlib.resources
 import json
 import math
 
 from absl import logging
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
+from resnext_jax import checkpoint
 from resnext_jax import cpu
-from resnext_jax import evaluate
 from resnext_jax import input_pipeline
-from resnext_jax.imagenet_classes import IMAGENET_CLASSES
+from resnext_jax import runtime
+from resnext_jax.errors import DataError
+
+
+@functools.cache
+def imagenet_classes() -> tuple[str, ...]:
+  """ImageNet-1k's class names in label order (the 1000 TFDS/torchvision indices), one a line in
+  data/imagenet_classes.txt.
+
+  TFDS only has the WordNet ids offline (n01440764, ...); these are the short English names torchvision uses
+  (torchvision.models._meta._IMAGENET_CATEGORIES), shipped so prediction needs neither torch nor the data.
+  """
+  text = importlib.resources.files("resnext_jax").joinpath("data", "imagenet_classes.txt").read_text("utf-8")
+  return tuple(text.splitlines())
 
 
 def class_names(meta: dict, config) -> tuple[str, ...]:
   """Human-readable names: ImageNet's for ImageNet models, else the dataset's (stored in the checkpoint)."""
   n = int(meta["num_classes"])
-  if n == len(IMAGENET_CLASSES) and meta.get("dataset", "imagenet2012") == "imagenet2012":
-    return IMAGENET_CLASSES  # TFDS only knows the WordNet ids
+  if n == len(imagenet_classes()) and meta.get("dataset", "imagenet2012") == "imagenet2012":
+    return imagenet_classes()  # TFDS only knows the WordNet ids
   names = meta.get("class_names")
   if names and len(names) == n:
     return tuple(names)
@@ -30,7 +44,7 @@ def class_names(meta: dict, config) -> tuple[str, ...]:
     info = input_pipeline.get_dataset_info(config)
     if info.num_classes == n:
       return info.class_names
-  except input_pipeline.DataError:
+  except DataError:
     pass
   return tuple(str(i) for i in range(n))
 
@@ -52,10 +66,10 @@ def _load_images(files, config):
 
 def predict(config, workdir, files, *, mesh=None) -> int:
   """Prints a JSON line per file (process 0); returns the number of files that could not be predicted."""
-  mesh = mesh if mesh is not None else evaluate.make_mesh()
+  mesh = mesh if mesh is not None else runtime.make_mesh()
   image_shape = (config.image_size, config.image_size, 3)
   step = config.eval_checkpoint_step if config.eval_checkpoint_step >= 0 else None
-  model, variables, step, meta = evaluate.load_variables(config, workdir, mesh, image_shape, step)
+  model, variables, step, meta = checkpoint.load_variables(config, workdir, mesh, image_shape, step)
   names = class_names(meta, config)
   images, errors = _load_images(files, config)
   probs = _probabilities(model, {k: variables[k] for k in ("params", "batch_stats")},
@@ -82,14 +96,12 @@ def _probabilities(model, variables, images, config, mesh) -> np.ndarray:
     return np.zeros((0, 0), np.float32)
   devices = mesh.devices.size
   batch = max(devices, config.eval_batch_size // devices * devices)
-  sharding = NamedSharding(mesh, P("data"))
-  fn = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False)), out_shardings=evaluate.replicated(mesh),
+  fn = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False)), out_shardings=runtime.replicated(mesh),
                compiler_options=cpu.compiler_options())  # as the eval step
   stacked, out = np.stack(images).astype(np.float32), []
   for start in range(0, len(stacked), batch):
     chunk = stacked[start:start + batch]
     padded_len = math.ceil(len(chunk) / devices) * devices
     chunk = np.concatenate([chunk, np.zeros((padded_len - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-    x = jax.make_array_from_callback(chunk.shape, sharding, lambda idx, c=chunk: c[idx])
-    out.append(evaluate.to_host(fn(variables, x))[:len(stacked[start:start + batch])])
+    out.append(runtime.to_host(fn(variables, runtime.from_host(chunk, mesh)))[:len(stacked[start:start + batch])])
   return np.concatenate(out)

@@ -22,7 +22,6 @@ import flax
 from flax import traverse_util
 import jax
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -31,12 +30,10 @@ from resnext_jax import checkpoint
 from resnext_jax import cpu
 from resnext_jax import evaluate
 from resnext_jax import input_pipeline
+from resnext_jax import models
 from resnext_jax import optim
-from resnext_jax.optim import ConfigError
-
-
-class TrainingError(RuntimeError):
-  """Training cannot go on (non-finite loss); the message names the step and the last good checkpoint."""
+from resnext_jax import runtime
+from resnext_jax.errors import ConfigError, TrainingError
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -50,10 +47,7 @@ class TrainState(flax.struct.PyTreeNode):
 
   def model_item(self) -> dict:
     """The checkpoint's 'model' item (what eval, predict and fine-tuning read)."""
-    item = {"params": self.params, "batch_stats": self.batch_stats}
-    if self.ema_params is not None:
-      item.update(ema_params=self.ema_params, ema_batch_stats=self.ema_batch_stats)
-    return item
+    return checkpoint.model_item(self.params, self.batch_stats, self.ema_params, self.ema_batch_stats)
 
   def train_item(self) -> dict:
     return {"step": self.step, "opt_state": self.opt_state, "rng": self.rng}
@@ -86,9 +80,8 @@ def abstract_train_state(config, model, tx, mesh, image_shape):
   """(ShapeDtypeStructs with shardings, shardings) of the state: Orbax's restore target, no FLOPs spent."""
   rng = jax.random.key(config.seed, impl=config.rng_impl)
   shapes = jax.eval_shape(_state_initializer(config, model, tx, image_shape), rng)
-  sharding = jax.tree.map(lambda _: evaluate.replicated(mesh), shapes)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, sharding)
-  return abstract, sharding
+  abstract = runtime.abstract_replicated(shapes, mesh)
+  return abstract, jax.tree.map(lambda s: s.sharding, abstract)
 
 
 def create_train_state(config, model, tx, mesh, image_shape, rng=None):
@@ -152,8 +145,8 @@ def compile_train_step(config, model, tx, schedule, mesh, state_sharding):
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                            label_smoothing=config.label_smoothing, grad_accum_steps=config.grad_accum_steps,
                            ema_decay=config.ema_decay, rng_impl=config.rng_impl)
-  return jax.jit(step, in_shardings=(state_sharding, NamedSharding(mesh, P("data"))),
-                 out_shardings=(state_sharding, evaluate.replicated(mesh)), donate_argnums=0,
+  return jax.jit(step, in_shardings=(state_sharding, runtime.batch_sharded(mesh)),
+                 out_shardings=(state_sharding, runtime.replicated(mesh)), donate_argnums=0,
                  compiler_options=cpu.compiler_options())
 
 
@@ -162,8 +155,7 @@ def compile_train_step(config, model, tx, schedule, mesh, state_sharding):
 
 def training_meta(config, info) -> dict:
   """The checkpoint's 'meta' item: what eval/predict need to rebuild the model without the config."""
-  overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in evaluate.model_overrides(config).items()}
-  return {"model": config.model, "num_classes": info.num_classes, "model_overrides": overrides,
+  return {"model": config.model, "num_classes": info.num_classes, "model_overrides": models.config_overrides(config),
           "ema": config.ema_decay > 0, "dataset": config.dataset, "image_size": config.image_size,
           "class_names": list(info.class_names), "config": json.loads(config.to_json_best_effort())}
 
@@ -188,7 +180,7 @@ def _restore_or_initialize(config, model, tx, mesh, image_shape, ckpt_dir):
 def _initialize_from(config, state, state_sharding, mesh, image_shape):
   """Fine-tuning: copies every checkpoint parameter whose name and shape match (a new head stays fresh)."""
   directory = checkpoint.checkpoint_directory(config.init_checkpoint)
-  _, variables, step, _ = evaluate.load_variables(config, config.init_checkpoint, mesh, image_shape)
+  _, variables, step, _ = checkpoint.load_variables(config, config.init_checkpoint, mesh, image_shape)
   skipped = []
 
   def merge(fresh, loaded):
@@ -251,7 +243,7 @@ class _TrainMetrics:
       self.pending = None
 
   def _consume(self, step, metrics):
-    values = evaluate.to_host(metrics)
+    values = runtime.to_host(metrics)
     for name in ("loss", "param_norm"):  # a finite loss can still leave non-finite weights behind
       if not np.isfinite(values[name]):
         raise _NonFinite(step, name, float(values[name]))
@@ -276,8 +268,8 @@ def check_config(config, mesh) -> None:
   """User errors that would otherwise surface deep inside XLA or Orbax."""
   if config.grad_accum_steps < 1:
     raise ConfigError(f"config.grad_accum_steps must be >= 1, got {config.grad_accum_steps}")
-  evaluate.check_batch_size("batch_size", config.batch_size, mesh, config.grad_accum_steps)
-  evaluate.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
+  runtime.check_batch_size("batch_size", config.batch_size, mesh, config.grad_accum_steps)
+  runtime.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
   if config.checkpoint_every_steps <= 0 or config.log_every_steps <= 0:
     raise ConfigError("config.checkpoint_every_steps and config.log_every_steps must be positive")
   if not 0 <= config.ema_decay < 1:
@@ -289,13 +281,13 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict | None:
 
   Returns the final eval metrics, or None when the run stopped early (preemption, config.stop_after_steps).
   """
-  mesh = mesh if mesh is not None else evaluate.make_mesh()
+  mesh = mesh if mesh is not None else runtime.make_mesh()
   check_config(config, mesh)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   info = input_pipeline.get_dataset_info(config)
   d = optim.durations(config, info.num_train_examples)
-  model = evaluate.build_model(config, info.num_classes)
+  model = models.from_config(config, info.num_classes)
   schedule = optim.learning_rate_schedule(config, d)
   tx = optim.create_optimizer(config, schedule)
   ckpt_dir = checkpoint.checkpoint_directory(workdir)
@@ -318,7 +310,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict | None:
 
 
 def _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, manager, ckpt_dir, writer, meta):
-  step = int(evaluate.to_host(state.step))
+  step = int(runtime.to_host(state.step))
   p_train_step = compile_train_step(config, model, tx, schedule, mesh, state_sharding)
   p_eval_step = evaluate.compile_eval_step(model, mesh)
   report = periodic_actions.ReportProgress(num_train_steps=d.num_train_steps, writer=writer,
@@ -397,7 +389,4 @@ def _stop_profiler():
 
 
 def _eval_variables(state: TrainState) -> dict:
-  out = {"params": state.params, "batch_stats": state.batch_stats}
-  if state.ema_params is not None:
-    out["ema"] = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
-  return out
+  return checkpoint.inference_variables(state.model_item())

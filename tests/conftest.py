@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-from configs import default, digits_resnext  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnext_jax.configs import default, digits_resnext  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def pytest_configure(config):

@@ -114,9 +114,9 @@ def test_cpu_kernels_keep_a_sharded_batch_sharded():
   code = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from resnext_jax import evaluate
+from resnext_jax import runtime
 from resnext_jax.layers.batchnorm import BatchNorm
-mesh = evaluate.make_mesh()
+mesh = runtime.make_mesh()
 sharded = NamedSharding(mesh, P("data"))
 x = jax.device_put(jax.random.normal(jax.random.key(0), (8, 6, 5, 32)) * 2 + 1, sharded)
 sc = jax.device_put(jax.random.normal(jax.random.key(1), (8, 6, 5, 32)), sharded)

@@ -192,9 +192,9 @@ def test_kernel_on_a_sharded_batch_stays_sharded_and_matches_xla():
   code = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from resnext_jax import evaluate
+from resnext_jax import runtime
 from resnext_jax.layers import conv
-mesh = evaluate.make_mesh()
+mesh = runtime.make_mesh()
 x = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((8, 6, 5, 32)), jnp.float32),
                    NamedSharding(mesh, P("data")))
 w = (jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 4, 32)), jnp.float32),

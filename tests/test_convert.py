@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from resnext_jax import checkpoint, convert, models
+from resnext_jax import checkpoint, convert, errors, models
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 WEIGHTS = FIXTURES / "torchvision_resnext_tiny.safetensors"
@@ -95,7 +95,7 @@ def test_accepts_torch_tensors():
 def test_mismatches_name_the_tensor(golden, edit, message):
   state_dict = dict(golden[0])
   edit(state_dict)
-  with pytest.raises(convert.ConversionError, match=message):
+  with pytest.raises(errors.ConversionError, match=message):
     convert_for(fixture_model(jnp.float32), state_dict, np.float32)
 
 

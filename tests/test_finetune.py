@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
-from resnext_jax import checkpoint, evaluate, models, train
+from resnext_jax import checkpoint, models, runtime, train
 
 ARCH = dict(stage_sizes=[1, 1], planes=[8, 16], stem_width=8, base_width=32)
 CLASSES = ("circle", "square", "stripes")
@@ -52,7 +52,7 @@ def test_finetune_new_head_frozen_stem_and_layer1(tmp_path, pretrained):
   result = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert result["num_examples"] == 9 and result["step"] == 4  # every val image once
 
-  _, tuned, _, meta = evaluate.load_variables(config, str(tmp_path / "run"), evaluate.make_mesh(), (16, 16, 3))
+  _, tuned, _, meta = checkpoint.load_variables(config, str(tmp_path / "run"), runtime.make_mesh(), (16, 16, 3))
   tuned = jax.device_get(tuned)
   assert meta["num_classes"] == 3 and meta["class_names"] == list(CLASSES)
   assert tuned["params"]["fc"]["kernel"].shape == (64, 3)  # a new head for the new classes

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from resnext_jax import errors
 from resnext_jax import input_pipeline
 from resnext_jax.datasets import transforms
 from test_input_pipeline import default_config
@@ -107,7 +108,7 @@ def test_image_folder_skips_and_logs_broken_files(image_folder, caplog):
 
 def test_image_folder_strict_names_the_broken_file(image_folder):
   config = _config(dataset="imagefolder", data_dir=str(image_folder), strict_decode=True)
-  with pytest.raises(input_pipeline.DataError, match="broken.jpg"):
+  with pytest.raises(errors.DataError, match="broken.jpg"):
     input_pipeline.get_dataset_info(config)
 
 
@@ -119,7 +120,7 @@ def test_image_folder_reprepares_when_files_change(image_folder):
 
 
 def test_missing_image_folder(tmp_path):
-  with pytest.raises(input_pipeline.DataError, match="does not exist"):
+  with pytest.raises(errors.DataError, match="does not exist"):
     input_pipeline.get_dataset_info(_config(dataset="imagefolder", data_dir=str(tmp_path / "nope")))
 
 

@@ -13,7 +13,7 @@ _PROCESS = textwrap.dedent("""
     import jax, numpy as np
     jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[3]))
     from jax.sharding import Mesh
-    from configs import default
+    from resnext_jax.configs import default
     from resnext_jax import input_pipeline
     config = default.get_config()
     config.update(dataset="sklearn_digits", data_dir=sys.argv[1], image_size=32, batch_size=32,

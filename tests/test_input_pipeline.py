@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from resnext_jax import errors
 from resnext_jax import input_pipeline
 from resnext_jax.datasets import sources
 
@@ -21,8 +22,9 @@ NUM_TEST = 299
 
 
 def default_config():
-  """configs/default.py's config, whether or not the repository root is on sys.path."""
-  spec = importlib.util.spec_from_file_location("default_config", os.path.join(REPO, "configs", "default.py"))
+  """resnext_jax/configs/default.py's config, whether or not the repository root is on sys.path."""
+  spec = importlib.util.spec_from_file_location("default_config",
+                                                os.path.join(REPO, "resnext_jax", "configs", "default.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
@@ -175,12 +177,12 @@ def test_config_errors(data_dir, overrides, message):
   if message is None:
     assert input_pipeline.get_dataset_info(config).num_eval_examples == NUM_TEST
   else:
-    with pytest.raises(input_pipeline.DataError, match=message):
+    with pytest.raises(errors.DataError, match=message):
       input_pipeline.get_dataset_info(config)
 
 
 def test_imagenet_not_prepared_says_what_to_do(tmp_path):
-  with pytest.raises(input_pipeline.DataError) as error:
+  with pytest.raises(errors.DataError) as error:
     input_pipeline.get_dataset_info(_config(str(tmp_path), dataset="imagenet2012"))
   message = str(error.value)
   assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
@@ -204,8 +206,8 @@ _MULTI_DEVICE = textwrap.dedent("""
     import collections, sys
     import jax, numpy as np
     from jax.sharding import Mesh
-    from configs import default
-    from resnext_jax import input_pipeline
+    from resnext_jax import errors, input_pipeline
+    from resnext_jax.configs import default
     assert jax.device_count() == 4
     config = default.get_config()
     config.update(dataset="sklearn_digits", data_dir=sys.argv[1], image_size=32, batch_size=32,
@@ -224,7 +226,7 @@ _MULTI_DEVICE = textwrap.dedent("""
     config.batch_size = 30
     try:
       input_pipeline.create_train_iterator(config, mesh)
-    except input_pipeline.DataError as e:
+    except errors.ConfigError as e:
       print("error", e)
 """)
 

@@ -7,7 +7,8 @@ import optax
 import pytest
 
 from conftest import tiny_config
-from configs import cifar10_resnext29_8x64d, imagenet_resnext50
+from resnext_jax.configs import cifar10_resnext29_8x64d, imagenet_resnext50
+from resnext_jax import errors
 from resnext_jax import optim
 from resnext_jax import train
 
@@ -52,7 +53,7 @@ def test_cosine_with_linear_warmup():
   np.testing.assert_allclose([lr(0), lr(4), lr(9), lr(10), lr(55), lr(100)],
                              [0.1, 0.5, 1.0, 1.0, 0.5, 0.0], atol=1e-6)
   c.lr_schedule = "linear"
-  with pytest.raises(optim.ConfigError, match="lr_schedule"):
+  with pytest.raises(errors.ConfigError, match="lr_schedule"):
     optim.learning_rate_schedule(c, optim.durations(c, 1000))
 
 

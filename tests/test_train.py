@@ -15,11 +15,13 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from conftest import tiny_config
 from resnext_jax import checkpoint
+from resnext_jax import errors
 from resnext_jax import evaluate
 from resnext_jax import models
 from resnext_jax import predict
+from resnext_jax import runtime
 from resnext_jax import train
-from resnext_jax.optim import ConfigError
+from resnext_jax.errors import ConfigError
 
 
 def _scalar_tags(logdir):
@@ -53,7 +55,7 @@ def test_recipe_features_train_eval_checkpoint(tmp_path, capsys):
   assert step == 4 and meta["model"] == "resnext11_4x16d" and meta["num_classes"] == 10 and meta["ema"]
   assert meta["model_overrides"]["stage_sizes"] == [1, 1]
   # Parameters and BN statistics stay float32 under bfloat16 compute.
-  _, variables, _, _ = evaluate.load_variables(config, workdir, evaluate.make_mesh(), (8, 8, 3))
+  _, variables, _, _ = checkpoint.load_variables(config, workdir, runtime.make_mesh(), (8, 8, 3))
   dtypes = {x.dtype for x in jax.tree.leaves(variables)}
   assert dtypes == {np.dtype("float32")}
 
@@ -70,7 +72,7 @@ def test_recipe_features_train_eval_checkpoint(tmp_path, capsys):
   config.eval_checkpoint_step = 2
   assert evaluate.evaluate(config, workdir)["step"] == 2
   config.eval_checkpoint_step = 3
-  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint for step 3"):
+  with pytest.raises(errors.CheckpointError, match="no checkpoint for step 3"):
     evaluate.evaluate(config, workdir)
 
 
@@ -86,9 +88,9 @@ def test_resume_ends_exactly_as_uninterrupted(tmp_path, capsys):
   assert resumed == full
   capsys.readouterr()
 
-  mesh = evaluate.make_mesh()
-  _, a, _, _ = evaluate.load_variables(config, straight, mesh, (8, 8, 3))
-  _, b, _, _ = evaluate.load_variables(config, sliced, mesh, (8, 8, 3))
+  mesh = runtime.make_mesh()
+  _, a, _, _ = checkpoint.load_variables(config, straight, mesh, (8, 8, 3))
+  _, b, _, _ = checkpoint.load_variables(config, sliced, mesh, (8, 8, 3))
   jax.tree.map(np.testing.assert_array_equal, a, b)  # params, BN statistics and EMA: bit for bit
 
 
@@ -97,11 +99,11 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = tiny_config(num_train_steps=6, stop_after_steps=2)
   train.train_and_evaluate(config, workdir)
   blown = tiny_config(num_train_steps=6, checkpoint_every_steps=1, learning_rate=1e38)  # diverges at once
-  with pytest.raises(train.TrainingError, match=r"became (nan|inf) at step 3.*last good checkpoint is step 2"):
+  with pytest.raises(errors.TrainingError, match=r"became (nan|inf) at step 3.*last good checkpoint is step 2"):
     train.train_and_evaluate(blown, workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   assert sorted(os.listdir(ckpt_dir)) == ["2"]
-  _, variables, step, _ = evaluate.load_variables(config, workdir, evaluate.make_mesh(), (8, 8, 3))
+  _, variables, step, _ = checkpoint.load_variables(config, workdir, runtime.make_mesh(), (8, 8, 3))
   assert step == 2 and all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
 
 
@@ -118,14 +120,14 @@ def test_config_errors(tmp_path):
 def test_missing_and_damaged_checkpoints_name_the_path(tmp_path):
   config = tiny_config()
   missing = str(tmp_path / "nothing_here")
-  with pytest.raises(checkpoint.CheckpointError, match="nothing_here"):
+  with pytest.raises(errors.CheckpointError, match="nothing_here"):
     evaluate.evaluate(config, missing)
   # A step directory whose files are garbage (e.g. a truncated copy).
   damaged = tmp_path / "damaged" / "checkpoints" / "7"
   for item in ("model", "meta"):
     (damaged / item).mkdir(parents=True)
     (damaged / item / "garbage").write_bytes(b"\x00not a checkpoint")
-  with pytest.raises(checkpoint.CheckpointError, match=str(tmp_path / "damaged")):
+  with pytest.raises(errors.CheckpointError, match=str(tmp_path / "damaged")):
     evaluate.evaluate(config, str(tmp_path / "damaged"))
 
 
@@ -189,7 +191,7 @@ def test_converted_checkpoint_eval_and_predict(tmp_path, digits_dir, capsys):
   finetune = tiny_config(init_checkpoint=converted, synthetic_num_classes=7, image_size=16, num_train_steps=1,
                          learning_rate=0.0, checkpoint_every_steps=1)
   train.train_and_evaluate(finetune, str(tmp_path / "finetuned"))
-  _, tuned, _, meta = evaluate.load_variables(finetune, str(tmp_path / "finetuned"), evaluate.make_mesh(),
+  _, tuned, _, meta = checkpoint.load_variables(finetune, str(tmp_path / "finetuned"), runtime.make_mesh(),
                                               (16, 16, 3))
   assert meta["num_classes"] == 7 and tuned["params"]["fc"]["kernel"].shape == (64, 7)
   del tuned["params"]["fc"], variables["params"]["fc"]

@@ -3,8 +3,8 @@
 Importing this package registers the builders with TFDS (`tfds.builder("sklearn_digits")` then works).
 """
 
-from resnext_jax.datasets.errors import DataError
 from resnext_jax.datasets.image_folder import LocalImageFolder
 from resnext_jax.datasets.sklearn_digits import SklearnDigits
+from resnext_jax.errors import DataError
 
 __all__ = ["DataError", "LocalImageFolder", "SklearnDigits"]

@@ -1,8 +1,4 @@
-"""The one exception type for data problems that the user, not the code, has to fix."""
+"""DataError, the one exception type for data problems the user has to fix, lives in resnext_jax/errors.py with
+the other user-facing errors; it is importable from here too, for the builders in this package."""
 
-
-class DataError(Exception):
-  """A user-facing data problem (missing or unknown dataset, bad split, indivisible batch...).
-
-  The message says what to do; the training loop prints it without a traceback.
-  """
+from resnext_jax.errors import DataError  # pylint: disable=unused-import

@@ -1,6 +1,6 @@
 """ResNeXt-101 (32x4d) on ImageNet, the paper's recipe (Table 3/4: 21.2% top-1 error)."""
 
-from configs import imagenet_resnext50
+from resnext_jax.configs import imagenet_resnext50
 
 
 def get_config():

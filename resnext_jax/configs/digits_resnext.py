@@ -9,7 +9,7 @@ cardinality 4) for smoke tests and CI; with `--config.dataset=synthetic` it need
 
 import ml_collections
 
-from configs import default
+from resnext_jax.configs import default
 
 # Two stages, 8/16 planes, 4 groups of width 4/8: compiles and trains in seconds on one CPU core.
 TINY_MODEL = dict(stage_sizes=(1, 1), planes=(8, 16), stem_width=8, base_width=32)

@@ -7,7 +7,7 @@ classes differs from the checkpoint's; everything else starts from the checkpoin
 (`--config.frozen_stages=2` freezes layer1 too, 0 trains everything). Cosine schedule, one epoch of warm-up.
 """
 
-from configs import imagenet_resnext50
+from resnext_jax.configs import imagenet_resnext50
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """ResNeXt-29 (8x64d) on CIFAR-100, the paper's recipe (Table 7: 17.77% error)."""
 
-from configs import cifar10_resnext29_8x64d
+from resnext_jax.configs import cifar10_resnext29_8x64d
 
 
 def get_config():

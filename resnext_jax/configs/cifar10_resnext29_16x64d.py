@@ -1,6 +1,6 @@
 """ResNeXt-29 (16x64d) on CIFAR-10, the paper's recipe (Table 7: 3.58% error)."""
 
-from configs import cifar10_resnext29_8x64d
+from resnext_jax.configs import cifar10_resnext29_8x64d
 
 
 def get_config():

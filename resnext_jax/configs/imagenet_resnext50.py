@@ -4,7 +4,7 @@ SGD momentum 0.9, weight decay 1e-4 on every parameter, batch 256, lr 0.1 x batc
 times (epochs 30, 60, 90 of 100), Inception-style crops to 224 with flips; eval: shorter side 256, center 224.
 """
 
-from configs import default
+from resnext_jax.configs import default
 
 
 def get_config():

@@ -4,7 +4,7 @@ Pad to 40x40, random 32x32 crop, flip; batch 128, lr 0.1, momentum 0.9, weight d
 lr divided by 10 at epochs 150 and 225.
 """
 
-from configs import default
+from resnext_jax.configs import default
 
 
 def get_config():

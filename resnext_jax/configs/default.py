@@ -14,7 +14,7 @@ def get_config():
 
   # Model (resnext_jax.models registry name; number of classes comes from the dataset).
   c.model = "resnext50_32x4d"
-  c.conv_impl = "auto"            # grouped-convolution implementation, see resnext_jax.conv
+  c.conv_impl = "auto"            # convolution implementation, see resnext_jax.layers.conv
   c.block_form = "grouped"        # paper Fig. 3: 'grouped' (c), 'concat' (b), 'split_sum' (a)
   c.zero_init_last_bn = False
   c.half_precision = False        # bfloat16 compute, float32 params and BN statistics

@@ -1,6 +1,6 @@
 """ResNet-50 baseline with the same recipe as ResNeXt-50 (Table 3: 23.9% top-1 error)."""
 
-from configs import imagenet_resnext50
+from resnext_jax.configs import imagenet_resnext50
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """ResNeXt-101 (64x4d) on ImageNet, the paper's recipe (Table 4/5: 20.4% top-1 error at 224)."""
 
-from configs import imagenet_resnext50
+from resnext_jax.configs import imagenet_resnext50
 
 
 def get_config():
