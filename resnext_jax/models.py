@@ -55,7 +55,8 @@ class BranchConv(nn.Module):
                         self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     conv = functools.partial(conv_general, strides=tuple(self.strides),
-                             padding=tuple(map(tuple, self.padding)), groups=1, impl=self.impl)
+                             padding=tuple(map(tuple, self.padding)), groups=1, impl=self.impl,
+                             measure=not self.is_initializing())
     xs = jnp.split(x, c, axis=-1)
     if self.sum_branches:
       kernels = jnp.split(kernel, c, axis=2)          # rows of the dense 1x1 that read each branch

@@ -15,6 +15,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jax_cache_")
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.3"
 
+# 'auto' takes each layer's recorded default instead of timing it (resnext_jax/cpu/autotune.py): the suite's
+# many small models would otherwise time every new layer shape, and runs compared for equality must choose
+# alike. tests/test_autotune.py switches it back on.
+os.environ.setdefault("RESNEXT_JAX_AUTOTUNE", "off")
+
 import ml_collections
 import pytest
 

@@ -106,14 +106,23 @@ def test_params_identical_to_nn_conv_and_shared_across_impls():
     np.testing.assert_allclose(layer.apply(params, x), want, rtol=1e-5, atol=1e-5)
 
 
+def _auto_for(kernel_shape, groups, backend="cpu"):
+  """'auto''s choice for a layer of this kernel on a 56x56 input (the suite times nothing: the recorded
+  defaults, see conftest.py and tests/test_autotune.py)."""
+  x = jax.ShapeDtypeStruct((8, 56, 56, kernel_shape[2] * groups), jnp.float32)
+  k = jax.ShapeDtypeStruct(kernel_shape, jnp.float32)
+  pad = (kernel_shape[0] // 2,) * 2
+  return conv._auto(x, k, (1, 1), (pad, pad), groups, backend=backend)
+
+
 def test_auto_is_xla_on_accelerators_and_fast_formulations_on_cpu():
   grouped, dense_1x1, stem = (3, 3, 4, 128), (1, 1, 256, 64), (7, 7, 3, 64)
   for backend in ("gpu", "tpu"):
-    assert {conv._auto(k, g, backend) for k, g in [(grouped, 32), (dense_1x1, 1), (stem, 1)]} == {"xla"}
+    assert {_auto_for(k, g, backend) for k, g in [(grouped, 32), (dense_1x1, 1), (stem, 1)]} == {"xla"}
   assert cpu.available()  # this machine (and CI) has a C++ compiler: the kernel must build
-  assert conv._auto(grouped, 32, "cpu") == "kernel"
-  assert conv._auto(dense_1x1, 1, "cpu") == "kernel"
-  assert conv._auto(stem, 1, "cpu") == "xla"
+  assert _auto_for(grouped, 32) == "kernel"
+  assert _auto_for(dense_1x1, 1) == "kernel"
+  assert _auto_for(stem, 1) == "xla"
 
 
 def test_compiler_options_only_on_cpu_and_user_flags_win(monkeypatch):
@@ -226,8 +235,10 @@ from resnext_jax import cpu
 from resnext_jax.layers import conv
 assert not cpu.available()
 x, w = jnp.ones((1, 4, 4, 16)), jnp.ones((3, 3, 4, 16))
-assert conv._auto(w.shape, 4, "cpu") == "blockdiag"
-assert conv._auto((1, 1, 16, 16), 1, "cpu") == "matmul"
+from resnext_jax.cpu import autotune
+with autotune.using_table():
+  assert conv._auto(x, w, (1, 1), ((1, 1), (1, 1)), 4) == "blockdiag"
+  assert conv._auto(x, jnp.ones((1, 1, 16, 16)), (1, 1), ((0, 0), (0, 0)), 1) == "matmul"
 conv.conv_general(x, w, (1, 1), ((1, 1), (1, 1)), 4)
 try:
   conv.conv_general(x, w, (1, 1), ((1, 1), (1, 1)), 4, impl="kernel")
@@ -239,6 +250,7 @@ except cpu.KernelUnavailable as e:
   result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "building the CPU kernels" in result.stdout and "no-such-compiler" in result.stdout
+  assert result.stderr.count("using the portable XLA implementations") == 1, result.stderr  # said once
 
 
 def test_damaged_cached_kernel_is_rebuilt(tmp_path):

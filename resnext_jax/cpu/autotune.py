@@ -127,21 +127,29 @@ def _shrink(a, batched):
 
 
 def _time_all(candidates, structs, backward):
+  """Seconds per candidate: compiled side by side (compiling dominates; XLA compiles without the GIL), then
+  timed one after another."""
   rng = np.random.default_rng(0)
   arrays = [jnp.asarray(rng.standard_normal(s.shape, np.float32), s.dtype) for s in structs]
-  return {name: _seconds(fn, arrays, backward) for name, fn in candidates.items()}
+  if backward:  # the output's cotangent, an argument (as a closed-over constant XLA would fold it for minutes)
+    out = jax.eval_shape(next(iter(candidates.values())), *arrays)
+    arrays.append(jnp.asarray(rng.standard_normal(out.shape, np.float32)))
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    compiled = dict(zip(candidates, pool.map(lambda fn: _compile(fn, arrays, backward), candidates.values())))
+  return {name: _seconds(fn, arrays) for name, fn in compiled.items()}
 
 
-def _seconds(fn, arrays, backward):
-  """Best wall time of one call of fn (and its gradient if `backward`), compiled as the steps are."""
+def _compile(fn, arrays, backward):
+  """fn (with `backward`: the gradient of <fn(*args), cotangent>, the last argument) compiled as the steps are."""
+  run = fn
   if backward:
-    out = jax.eval_shape(fn, *arrays)
-    weights = jnp.asarray(np.random.default_rng(1).standard_normal(out.shape, np.float32), out.dtype)
-    loss = lambda *a: jnp.vdot(fn(*a).astype(jnp.float32), weights.astype(jnp.float32))
-    run = jax.grad(loss, argnums=tuple(range(len(arrays))))
-  else:
-    run = fn
-  compiled = jax.jit(run, compiler_options=options.compiler_options()).lower(*arrays).compile()
+    loss = lambda *a: jnp.vdot(fn(*a[:-1]).astype(jnp.float32), a[-1])
+    run = jax.grad(loss, argnums=tuple(range(len(arrays) - 1)))
+  return jax.jit(run, compiler_options=options.compiler_options()).lower(*arrays).compile()
+
+
+def _seconds(compiled, arrays):
+  """Best wall time of one call, after one untimed call."""
   jax.block_until_ready(compiled(*arrays))
   best, spent, runs = float("inf"), 0.0, 0
   while runs < 3 or spent < MIN_SECONDS:

@@ -73,19 +73,20 @@ class BatchNorm(nn.Module):
   def _kernels(self, x, scale, bias, shortcut, relu):
     """Our CPU kernels (cpu/batch_norm.py) where they apply and measure faster than XLA for this layer."""
     fast = cpu.batch_norm_ops(x, scale, bias, shortcut)
-    if fast is None:
-      return None
     train, eps = not self.use_running_average, self.epsilon
+    op = f"batch_norm {'train' if train else 'eval'} relu={relu}"
+    args = (x, scale, bias) + (() if shortcut is None else (shortcut,))
+    if fast is None:
+      cpu.autotune.choose(op, {"xla": None}, args, "xla")  # recorded for --explain
+      return None
     if train:
       kernel = lambda x, s, b, *sc: fast.normalize(x, s, b, sc[0] if sc else None, eps, relu)[0]
       xla = lambda x, s, b, *sc: _activate(_normalize(x, s, b, eps)[0], sc[0] if sc else None, relu)
     else:
       kernel = lambda x, s, b, *sc: fast.apply_running(x, s, b, sc[0] if sc else None, relu)
       xla = lambda x, s, b, *sc: _activate(x * s + b, sc[0] if sc else None, relu)
-    args = (x, scale, bias) + (() if shortcut is None else (shortcut,))
     with contextlib.nullcontext() if not self.is_initializing() else cpu.autotune.using_table():
-      choice = cpu.autotune.choose(f"batch_norm {'train' if train else 'eval'} relu={relu}",
-                                   {"kernel": kernel, "xla": xla}, args, "kernel", batched=(0, 3),
+      choice = cpu.autotune.choose(op, {"kernel": kernel, "xla": xla}, args, "kernel", batched=(0, 3),
                                    backward=train)
     return fast if choice == "kernel" else None
 

@@ -26,10 +26,11 @@ def max_pool(x, window, strides, padding, impl="auto"):
   if impl not in IMPLS:
     raise ValueError(f"unknown max-pool impl {impl!r}; choose one of {IMPLS}")
   args = (tuple(window), tuple(strides), tuple(map(tuple, padding)))
-  fast = cpu.max_pool_op(x, *args) if impl == "auto" else None
-  if fast is not None:
+  if impl == "auto":
+    fast = cpu.max_pool_op(x, *args)
     portable = lambda v: _max_pool(v, *args)
-    if cpu.autotune.choose("max_pool", {"kernel": fast, "xla": portable}, (x,), "kernel") == "kernel":
+    candidates = {"xla": portable} if fast is None else {"kernel": fast, "xla": portable}
+    if cpu.autotune.choose("max_pool", candidates, (x,), "kernel") == "kernel":
       return fast(x)
   return _max_pool(x, *args)
 
