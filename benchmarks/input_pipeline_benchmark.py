@@ -1,83 +1,227 @@
-"""Input pipeline throughput: ImageNet-style JPEGs decoded and augmented per second, per CPU core.
+"""Input pipeline throughput per CPU core: ImageNet-like JPEGs decoded and augmented per second.
 
-Writes --num_images JPEGs of 500x375 (ImageNet's median size) into a temporary image folder, prepares it with the
-project's TFDS builder, and times the real tf.data pipelines (Inception crop + flip + normalise to 224 for
-training; center crop + resize for eval) with tf.data limited to --threads threads, after a warm-up epoch.
+Writes --num_images ImageNet-like JPEGs (resnext_jax/datasets/synthetic_jpegs.py: ImageNet's size distribution,
+photo-like content, quality 90) into an image folder (kept in --data_dir for the next run), prepares it with the
+project's TFDS builder and times the tf.data pipelines the training job builds (train: Inception crop + flip to
+224; eval: center crop 0.875 + resize to 224) with tf.data limited to --threads threads, reading the JPEG bytes
+from memory, after a warm-up. Pipelines are timed in turns (--repeats rounds of --seconds each, each round after
+an untimed settling period), so a busy machine slows them alike; each figure is the median round, both per thread
+(wall clock) and per CPU-second the process (and its workers) used, which is the fairer figure on a shared
+machine. The last line is one JSON object.
 
-  python benchmarks/input_pipeline_benchmark.py --threads=1
+  python benchmarks/input_pipeline_benchmark.py --threads=1            # the transforms the training job uses
+  python benchmarks/input_pipeline_benchmark.py --threads=1 --legacy   # and the previous ones, same run
+  python benchmarks/input_pipeline_benchmark.py --threads=2 --grain    # and grain (worker processes + PIL)
+  python benchmarks/input_pipeline_benchmark.py --pre_resize=320       # images stored with shorter side <= 320
+
+--grain needs `pip install grain`: it reads the same images from TFDS's array_record files
+(`builder.as_data_source`) with --threads worker processes, each running a PIL transform (header -> crop window,
+`Image.draft` DCT scaling, antialiased resize, flip; uint8 out as ours).
 """
 
 import argparse
 import json
 import os
-import tempfile
+import platform
+import sys
 import time
 
 import ml_collections
 import numpy as np
-from PIL import Image
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from resnext_jax import input_pipeline
-from resnext_jax.datasets import sources
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
 
+from resnext_jax.datasets import synthetic_jpegs  # pylint: disable=wrong-import-position
 
-def write_jpegs(root: str, num_images: int, size=(500, 375), quality=90) -> None:
-  """Photo-like JPEGs (smooth shapes plus sensor-like noise), so that decoding costs what real photos cost."""
-  rng = np.random.default_rng(0)
-  y, x = np.mgrid[0:size[1], 0:size[0]] / size[0]
-  for i in range(num_images):
-    label = f"class{i % 10}"
-    os.makedirs(os.path.join(root, "train", label), exist_ok=True)
-    f = rng.uniform(2, 12, 3)
-    phase = rng.uniform(0, 6.3, 3)
-    image = np.stack([127 + 100 * np.sin(f[c] * x + 3 * np.cos(f[c] * y) + phase[c]) for c in range(3)], -1)
-    image += rng.normal(0, 12, image.shape)
-    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
-        os.path.join(root, "train", label, f"{i}.jpg"), quality=quality)
+DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "resnext_jax", "imagenet_like_jpegs")
 
 
-def images_per_second(ds: tf.data.Dataset, batch_size: int, seconds: float) -> float:
-  it = iter(ds)
-  next(it)  # warm-up: graph building, first reads
-  count, start = 0, time.perf_counter()
-  while time.perf_counter() - start < seconds:
-    next(it)
-    count += batch_size
-  return count / (time.perf_counter() - start)
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return platform.processor()
+  name = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), platform.processor())
+  flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
+  isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
+  return f"{name} ({isa})"
 
 
-def main():
+def cpu_seconds() -> float:
+  """CPU time of this process and its children (grain's workers)."""
+  try:
+    import psutil  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return time.process_time()
+  me = psutil.Process()
+  total = sum(me.cpu_times()[:2])
+  for child in me.children(recursive=True):
+    try:
+      total += sum(child.cpu_times()[:2])
+    except psutil.Error:
+      pass
+  return total
+
+
+def timed_rounds(pipelines: dict, batch_size: int, seconds: float, repeats: int, settle: float = 2.0) -> dict:
+  """{name: (wall images/s, images per CPU-second, the rounds)}: medians over `repeats` rounds, pipelines taking
+  turns. Each round first pulls batches untimed for `settle` seconds: that empties the batches the pipeline
+  buffered while the others ran, and lets the others' background refills (prefetch buffers, grain workers)
+  finish, so the timed part measures this pipeline's steady state only."""
+  rounds = {name: [] for name in pipelines}
+  for _ in range(repeats):
+    for name, it in pipelines.items():
+      start = time.perf_counter()
+      while time.perf_counter() - start < settle:
+        next(it)
+      count, start, cpu = 0, time.perf_counter(), cpu_seconds()
+      while time.perf_counter() - start < seconds:
+        next(it)
+        count += batch_size
+      rounds[name].append((count / (time.perf_counter() - start), count / max(cpu_seconds() - cpu, 1e-9)))
+  return {name: (float(np.median([w for w, _ in r])), float(np.median([c for _, c in r])), r)
+          for name, r in rounds.items()}
+
+
+def base_config(args, data_dir, **overrides):
+  config = ml_collections.ConfigDict(dict(
+      dataset="imagefolder", data_dir=data_dir, train_split="train", eval_split="train", image_size=args.image_size,
+      crop_ratio=0.875, augment="auto", shuffle_buffer_size=max(1024, args.num_images), cache=True,
+      strict_decode=False, seed=0, batch_size=args.batch_size, eval_batch_size=args.batch_size,
+      input_transform="fast", antialias=args.antialias, pre_resize=args.pre_resize))
+  config.update(overrides)
+  return config
+
+
+def tf_data_pipelines(args, data_dir) -> dict:
+  """name -> iterator of batches, for the new (and with --legacy the previous) train and eval transforms."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from resnext_jax.datasets import sources, tf_pipeline  # pylint: disable=import-outside-toplevel
+
+  tf.config.set_visible_devices([], "GPU")
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = args.threads
+  options.threading.max_intra_op_parallelism = 1
+  kinds = ["fast"] + (["legacy"] if args.legacy else [])
+  pipelines = {}
+  for kind in kinds:  # the legacy pipeline reads the original images, as it did
+    config = base_config(args, data_dir, input_transform=kind, pre_resize=args.pre_resize if kind == "fast" else 0)
+    source = sources.get_source(config)  # cache=True: the timed loops read the JPEG bytes from memory
+    train = tf_pipeline.train_dataset(source, config, start_step=0, process_index=0, process_count=1)
+    evals = tf_pipeline.eval_dataset(source, config, process_index=0, process_count=1).repeat()
+    suffix = "" if kind == "fast" else "_legacy"
+    for name, ds in ((f"train{suffix}", train), (f"eval{suffix}", evals)):
+      ds = ds.with_options(options)
+      for _ in ds.take(args.num_images // args.batch_size + 1):
+        pass  # fill the cache
+      pipelines[name] = ds.as_numpy_iterator()
+  return pipelines
+
+
+def pil_train_transform(size: int):
+  """The grain candidate's transform: PIL, Inception crop chosen from the header, DCT scaling via draft."""
+  import io  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  def window(rng, w, h):
+    for _ in range(10):  # torchvision's RandomResizedCrop sampling
+      area = w * h * rng.uniform(0.08, 1.0)
+      ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+      cw, ch = int(round(np.sqrt(area * ratio))), int(round(np.sqrt(area / ratio)))
+      if 0 < cw <= w and 0 < ch <= h:
+        return int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1)), cw, ch
+    return 0, 0, w, h
+
+  def transform(example, rng):
+    image = Image.open(io.BytesIO(example["image"]))
+    w, h = image.size
+    x, y, cw, ch = window(rng, w, h)
+    image.draft("RGB", (max(1, w * size // cw), max(1, h * size // ch)))
+    sx, sy = image.size[0] / w, image.size[1] / h
+    out = image.convert("RGB").resize((size, size), Image.BILINEAR,
+                                      box=(x * sx, y * sy, (x + cw) * sx, (y + ch) * sy))
+    if rng.uniform() < 0.5:
+      out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return {"image": np.asarray(out), "label": np.int32(example["label"])}
+
+  return transform
+
+
+def grain_pipeline(args, data_dir):
+  """grain over TFDS's array_record data source of the same folder, --threads worker processes."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  import grain.python as grain  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from resnext_jax.datasets import image_folder  # pylint: disable=import-outside-toplevel
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # grain reads absl flags; this script parses its own
+  builder = image_folder.LocalImageFolder(data_dir, prepared_dir=os.path.join(data_dir, ".tfds_array_record"),
+                                          file_format="array_record")
+  builder.download_and_prepare()
+  source = builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
+  ds = (grain.MapDataset.source(source).seed(0).shuffle().repeat()
+        .random_map(_RandomMap(pil_train_transform(args.image_size)))
+        .batch(args.batch_size, drop_remainder=True))
+  # One reading thread and a short read-ahead per worker (grain's defaults, 16 threads and 500 elements, keep the
+  # workers busy filling buffers while the other pipelines are timed).
+  read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+  it = ds.to_iter_dataset(read).mp_prefetch(grain.MultiprocessingOptions(num_workers=args.threads,
+                                                                         per_worker_buffer_size=1))
+  return iter(it)
+
+
+class _RandomMap:  # a picklable callable for grain's workers
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def __call__(self, element, rng):
+    return self.fn(element, rng)
+
+
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--num_images", type=int, default=512)
   parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--batch_size", type=int, default=32)
-  parser.add_argument("--threads", type=int, default=1, help="tf.data threads (the figure is per thread)")
-  parser.add_argument("--seconds", type=float, default=20.0)
-  args = parser.parse_args()
-  tf.config.set_visible_devices([], "GPU")
+  parser.add_argument("--threads", type=int, default=1, help="tf.data threads / grain workers (figures per thread)")
+  parser.add_argument("--seconds", type=float, default=8.0, help="length of one timed round")
+  parser.add_argument("--repeats", type=int, default=3, help="timed rounds per pipeline (the median is reported)")
+  parser.add_argument("--settle", type=float, default=2.0, help="untimed seconds at the start of each round")
+  parser.add_argument("--legacy", action="store_true", help="also time the previous transforms (legacy_transforms)")
+  parser.add_argument("--grain", action="store_true", help="also time grain + PIL (pip install grain)")
+  parser.add_argument("--antialias", action="store_true", help="config.antialias: PIL's triangle filter")
+  parser.add_argument("--pre_resize", type=int, default=0,
+                      help="config.pre_resize for the new pipeline: stored shorter side <= N (legacy: originals)")
+  parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR,
+                      help="where the generated JPEG folder is kept (reused when it matches)")
+  args = parser.parse_args(argv)
 
-  with tempfile.TemporaryDirectory() as root:
-    write_jpegs(root, args.num_images)
-    config = ml_collections.ConfigDict(dict(
-        dataset="imagefolder", data_dir=root, train_split="train", eval_split="train", image_size=args.image_size,
-        crop_ratio=0.875, augment="auto", shuffle_buffer_size=1024, cache=True, strict_decode=False, seed=0,
-        batch_size=args.batch_size, eval_batch_size=args.batch_size))
-    source = sources.get_source(config)  # cache=True: the timed loops read the JPEG bytes from memory
-    options = tf.data.Options()
-    options.threading.private_threadpool_size = args.threads
-    options.threading.max_intra_op_parallelism = 1
-    train = input_pipeline.train_dataset(source, config, start_step=0, process_index=0, process_count=1)
-    evals = input_pipeline.eval_dataset(source, config, process_index=0, process_count=1).repeat()
-    result = {"threads": args.threads, "image_size": args.image_size, "jpeg": "500x375 q90",
-              "tf": tf.__version__, "tfds": tfds.__version__, "cpu_count": os.cpu_count()}
-    for name, ds in (("train", train), ("eval", evals)):
-      for _ in iter(ds.with_options(options).take(args.num_images // args.batch_size)):
-        pass  # fill the cache
-      rate = images_per_second(ds.with_options(options), args.batch_size, args.seconds)
-      result[f"{name}_images_per_s_per_thread"] = round(rate / args.threads, 1)
+  data_dir = os.path.join(args.data_dir, f"n{args.num_images}")
+  stats = synthetic_jpegs.write_image_folder(data_dir, args.num_images)
+  pipelines = tf_data_pipelines(args, data_dir)
+  if args.grain:
+    pipelines["train_grain"] = grain_pipeline(args, data_dir)
+  rounds = timed_rounds(pipelines, args.batch_size, args.seconds, args.repeats, args.settle)
+
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  result = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": args.threads,
+            "image_size": args.image_size, "jpegs": stats, "antialias": args.antialias, "pre_resize": args.pre_resize,
+            "tf": tf.__version__, "load_average": round(os.getloadavg()[0], 1)}
+  for name, (wall, per_cpu, _) in rounds.items():
+    result[f"{name}_images_per_s_per_thread"] = round(wall / args.threads, 1)
+    result[f"{name}_images_per_cpu_s"] = round(per_cpu, 1)
+  for name in rounds:  # new vs old (or grain) in the same rounds: median of the per-round ratios
+    base = {"train_legacy": "train", "eval_legacy": "eval", "train_grain": "train"}.get(name)
+    if base:
+      ratios = [b[1] / o[1] for b, o in zip(rounds[base][2], rounds[name][2])]
+      result[f"{base}_speedup_vs_{name.split('_', 1)[1]}_per_cpu_s"] = round(float(np.median(ratios)), 2)
   print(json.dumps(result))
+  return result
 
 
 if __name__ == "__main__":

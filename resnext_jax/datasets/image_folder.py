@@ -62,7 +62,8 @@ class LocalImageFolder(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
 
-  def __init__(self, root_dir: str, *, strict: bool = False, **kwargs):
+  def __init__(self, root_dir: str, *, strict: bool = False, prepared_dir: str | None = None, **kwargs):
+    """prepared_dir: where the records go (default root_dir/.tfds); kwargs go to TFDS (e.g. file_format)."""
     if not os.path.isdir(root_dir):
       raise DataError(f"Image folder {root_dir!r} does not exist; set config.data_dir to a folder laid out as "
                       "root/split/label/*.jpg (e.g. root/train/cat/1.jpg, root/validation/cat/2.jpg).")
@@ -73,7 +74,9 @@ class LocalImageFolder(tfds.core.GeneratorBasedBuilder):
     if not self._labels:
       raise DataError(f"No images found in {root_dir!r}: expected root/split/label/*{'|'.join(IMAGE_EXTENSIONS)}.")
     config = tfds.core.BuilderConfig(name=_fingerprint(self._root, self._listing, strict))
-    super().__init__(data_dir=os.path.join(self._root, PREPARED_SUBDIR), config=config, **kwargs)
+    super().__init__(data_dir=prepared_dir or os.path.join(self._root, PREPARED_SUBDIR), config=config, **kwargs)
+    # For pickling (TFDS data sources send the builder to worker processes): rebuild from our own arguments.
+    self._original_state = dict(root_dir=self._root, strict=strict, prepared_dir=prepared_dir, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(

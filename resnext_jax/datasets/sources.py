@@ -12,6 +12,7 @@ import jax
 from jax.experimental import multihost_utils
 import tensorflow_datasets as tfds
 
+from resnext_jax.datasets import pre_resized
 from resnext_jax.datasets import transforms
 from resnext_jax.datasets.errors import DataError
 from resnext_jax.datasets.image_folder import LocalImageFolder
@@ -66,7 +67,17 @@ def transform_style(config) -> dict:
 
 def get_source(config) -> Source:
   """The Source for config.dataset; raises DataError when the data is missing or the config is inconsistent."""
-  name, style = config.dataset, transform_style(config)
+  style = transform_style(config)
+  builder = get_builder(config)
+  return Source(builder=builder,
+                train_split=resolve_split(builder, config.train_split, fallbacks=()),
+                eval_split=resolve_split(builder, config.eval_split, fallbacks=("validation", "val", "test")),
+                **style)
+
+
+def get_builder(config) -> tfds.core.DatasetBuilder:
+  """config.dataset's prepared TFDS builder (with config.pre_resize, the pre-resized copy)."""
+  name = config.dataset
   if name == "sklearn_digits":
     builder = prepare(lambda: SklearnDigits(data_dir=config.data_dir))
   elif name == "imagefolder":
@@ -81,10 +92,10 @@ def get_source(config) -> Source:
                                             manual_dir=os.path.join(root, "downloads", "manual")))
   else:  # cifar10, cifar100
     builder = prepare(lambda: tfds.builder(name, data_dir=config.data_dir))
-  return Source(builder=builder,
-                train_split=resolve_split(builder, config.train_split, fallbacks=()),
-                eval_split=resolve_split(builder, config.eval_split, fallbacks=("validation", "val", "test")),
-                **style)
+  if config.get("pre_resize", 0) and name in pre_resized.SUPPORTED:  # a copy stored at a smaller size
+    base = builder
+    builder = prepare(lambda: pre_resized.wrap(base, config))
+  return builder
 
 
 def prepare(make_builder) -> tfds.core.DatasetBuilder:

@@ -1,23 +1,32 @@
-"""Per-example image transforms in TensorFlow: encoded bytes -> normalised float32 (size, size, 3).
+"""Per-example image transforms in TensorFlow: encoded bytes -> uint8 (size, size, 3) pixels.
 
 Randomness is stateless: each example carries its own seed, so an example's augmentation depends only on
 (config.seed, epoch, position), not on the thread that ran it or on where the stream was started.
-JPEGs are decoded only inside the crop window (`decode_and_crop_jpeg`), which is most of the decoding cost
-saved for Inception crops; other formats are decoded whole and then sliced.
+
+Where the CPU time goes (docs/input_pipeline.md has the figures): entropy-decoding the JPEG is most of it and
+cannot be skipped, so everything else is made cheap:
+- the crop window is chosen from the JPEG header's size (`extract_jpeg_shape`), then only that window is decoded
+  (`decode_and_crop_jpeg`: rows below it are never read, pixels beside it never inverse-transformed);
+- when the window is at least 2x, 4x or 8x the output size on both sides, it is decoded at 1/2, 1/4 or 1/8 scale
+  (libjpeg-turbo's DCT scaling, as PIL's `Image.draft`), the window snapped outward to that scale's pixel grid
+  (with antialias, only down to twice the output size, see `decode_min_size`);
+- one bilinear resize from uint8 (half-pixel centres, as `jax.image.resize`; without antialiasing the remaining
+  reduction is under 2x after DCT scaling; `antialias=True` applies PIL's / torchvision's triangle filter);
+- the result stays uint8: the flip is a byte copy and normalisation happens on the device
+  (`input_pipeline`), so the host does no float work per pixel and ships 4x fewer bytes.
+Other formats (PNG, BMP, GIF) are decoded whole and then sliced. `legacy_transforms` keeps the previous
+transforms (full-resolution crop, antialiased float resize, host normalisation) for comparison.
 """
 
 import tensorflow as tf
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-DIGITS_MEAN = (0.306,) * 3  # over sklearn_digits 'train' at 32x32
-DIGITS_STD = (0.324,) * 3
+# The statistics and the normalisation formula live in a module without TensorFlow (the device side needs them).
+from resnext_jax.datasets.normalization import (  # pylint: disable=unused-import
+    CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD,
+    normalization, normalize_numpy)
 
 AUGMENTATIONS = ("inception", "cifar", "none")
+DCT_SCALES = (1, 2, 4, 8)  # libjpeg's DCT scaling: decode at 1/r
 
 
 def decode(encoded: tf.Tensor) -> tf.Tensor:
@@ -25,12 +34,69 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
   return tf.io.decode_image(encoded, channels=3, expand_animations=False)
 
 
-def decode_window(encoded: tf.Tensor, window_fn) -> tf.Tensor:
-  """Decodes only the window [y, x, h, w] = window_fn(shape (H, W, C)) of the image."""
+def image_shape(encoded: tf.Tensor) -> tf.Tensor:
+  """(H, W, C) int32 from a JPEG's header without decoding it; other formats are decoded to find out."""
+  return tf.cond(tf.io.is_jpeg(encoded), lambda: tf.image.extract_jpeg_shape(encoded),
+                 lambda: tf.shape(decode(encoded)))
+
+
+def dct_scale_index(h, w, min_size) -> tf.Tensor:
+  """k such that DCT_SCALES[k] = r is the largest of 1, 2, 4, 8 with both sides of an h x w window >= r * min_size."""
+  shorter = tf.minimum(h, w)
+  k = tf.constant(0)
+  for i, r in enumerate(DCT_SCALES[1:], 1):
+    k = tf.where(shorter >= r * min_size, i, k)
+  return k
+
+
+def decode_min_size(size: int, antialias: bool) -> int:
+  """The smallest side a window may be decoded at before the resize to `size`: size itself for bilinear (the
+  remaining reduction is then under 2x, which bilinear handles), 2 * size with antialiasing (Pillow's
+  `reducing_gap=2`: the DCT's box-like reduction then does at most half of the work, the filter the rest)."""
+  return 2 * size if antialias else size
+
+
+def snap_window(window, shape, r):
+  """(y, x, h, w) in the 1/r-scaled image (ceil(H/r) x ceil(W/r), as libjpeg decodes it): the window grown
+  outward to whole scaled pixels, i.e. to the r-pixel grid of the original."""
+  y, x, h, w = window
+  ys, xs = y // r, x // r
+  ye = tf.minimum((y + h + r - 1) // r, (shape[0] + r - 1) // r)
+  xe = tf.minimum((x + w + r - 1) // r, (shape[1] + r - 1) // r)
+  return ys, xs, ye - ys, xe - xs
+
+
+def crop_box(shape, window, min_size=None) -> tf.Tensor:
+  """The region (y0, x0, y1, x1) of the original image, in its pixels, that decode_window(..., min_size) returns
+  for this window (the window snapped to the DCT scale's grid): what a device-side resize must crop to match."""
+  if min_size is None:
+    y, x, h, w = window
+    return tf.stack([y, x, y + h, x + w])
+  r = tf.gather(DCT_SCALES, dct_scale_index(window[2], window[3], min_size))
+  ys, xs, hs, ws = snap_window(window, shape, r)
+  return tf.stack([ys * r, xs * r, tf.minimum((ys + hs) * r, shape[0]), tf.minimum((xs + ws) * r, shape[1])])
+
+
+def decode_window(encoded: tf.Tensor, window_fn, min_size: int | None = None) -> tf.Tensor:
+  """uint8 pixels of the window [y, x, h, w] = window_fn(shape (H, W, C)).
+
+  JPEGs decode only the window; with `min_size`, at the smallest DCT scale 1/r that keeps both its sides at least
+  min_size (then h/r x w/r pixels of the window snapped to the r-grid, see `crop_box`). Other formats decode
+  whole, at full scale.
+  """
 
   def jpeg():
-    window = window_fn(tf.image.extract_jpeg_shape(encoded))
-    return tf.image.decode_and_crop_jpeg(encoded, tf.stack(window), channels=3)
+    shape = tf.image.extract_jpeg_shape(encoded)
+    window = window_fn(shape)
+    if min_size is None:
+      return tf.image.decode_and_crop_jpeg(encoded, tf.stack(window), channels=3)
+    k = dct_scale_index(window[2], window[3], min_size)
+
+    def branch(r):
+      return lambda: tf.image.decode_and_crop_jpeg(encoded, tf.stack(snap_window(window, shape, r)),
+                                                   channels=3, ratio=r)
+
+    return tf.switch_case(k, [branch(r) for r in DCT_SCALES])
 
   def other():
     image = decode(encoded)
@@ -65,37 +131,92 @@ def center_window(crop_ratio: float):
   return window_fn
 
 
-def resize(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Bilinear with antialiasing (as PIL / torchvision) to (size, size, 3) float32 in [0, 255]."""
-  image = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
-  return tf.ensure_shape(image, (size, size, 3))
+def full_window(shape):
+  return tf.constant(0), tf.constant(0), shape[0], shape[1]
 
 
-def normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
-  return (image / 255.0 - tf.constant(mean)) / tf.constant(std)
+def resize(image: tf.Tensor, size: int, antialias: bool = False) -> tf.Tensor:
+  """uint8 or float (h, w, 3) -> float32 (size, size, 3) in [0, 255]: bilinear with half-pixel centres; with
+  antialias, the triangle filter widened by the reduction factor (as PIL / torchvision), slower."""
+  if antialias:
+    hw = tf.cast(tf.shape(image)[:2], tf.float32)
+    out = tf.raw_ops.ScaleAndTranslate(images=image[None], size=[size, size], scale=size / hw,
+                                       translation=tf.zeros([2]), kernel_type="triangle", antialias=True)[0]
+  else:
+    out = tf.raw_ops.ResizeBilinear(images=image[None], size=[size, size], half_pixel_centers=True)[0]
+  return tf.ensure_shape(out, (size, size, 3))
 
 
-def train_image(encoded, seed, *, augment: str, size: int, crop_ratio: float, mean, std) -> tf.Tensor:
-  """Training transform; seed is a (2,) int tensor, augment one of AUGMENTATIONS."""
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+  return tf.saturate_cast(tf.round(image), tf.uint8)
+
+
+def normalize(pixels: tf.Tensor, mean, std) -> tf.Tensor:
+  scale, offset = normalization(mean, std)
+  return tf.cast(pixels, tf.float32) * scale + offset
+
+
+def train_pixels(encoded, seed, *, augment: str, size: int, crop_ratio: float | None,
+                 antialias: bool = False) -> tf.Tensor:
+  """Training transform -> uint8 (size, size, 3); seed is a (2,) int tensor, augment one of AUGMENTATIONS."""
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
   if augment == "inception":
-    image = resize(decode_window(encoded, inception_window(crop_seed)), size)
+    window = decode_window(encoded, inception_window(crop_seed), decode_min_size(size, antialias))
+    image = to_uint8(resize(window, size, antialias))
   elif augment == "cifar":  # pad by size/8 (4 px at 32), random crop back, as in the ResNet/ResNeXt CIFAR recipe
     pad = size // 8
-    image = tf.pad(resize(decode(encoded), size), [[pad, pad], [pad, pad], [0, 0]])
+    image = tf.pad(_resize_whole(decode(encoded), size, antialias), [[pad, pad], [pad, pad], [0, 0]])
     image = tf.image.stateless_random_crop(image, (size, size, 3), seed=crop_seed)
   elif augment == "none":
-    return eval_image(encoded, size=size, crop_ratio=crop_ratio, mean=mean, std=std)
+    return eval_pixels(encoded, size=size, crop_ratio=crop_ratio, antialias=antialias)
   else:
     raise ValueError(f"Unknown augmentation {augment!r}; expected one of {AUGMENTATIONS}.")
-  image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-  return normalize(image, mean, std)
+  return tf.cond(flip_decision(flip_seed), lambda: tf.reverse(image, [1]), lambda: image)
 
 
-def eval_image(encoded, *, size: int, crop_ratio: float | None, mean, std) -> tf.Tensor:
-  """Evaluation transform: center crop (crop_ratio) and resize, or a plain resize when crop_ratio is None."""
+def flip_decision(flip_seed) -> tf.Tensor:
+  """Whether to mirror: the draw `tf.image.stateless_random_flip_left_right` makes (uniform < 0.5)."""
+  return tf.random.stateless_uniform([], seed=flip_seed, minval=0, maxval=1.0) < 0.5
+
+
+def train_box(encoded, seed, *, min_size: int | None = None):
+  """(box int32 [y0, x0, y1, x1] in the original image's pixels, flip bool) of the Inception crop train_pixels
+  takes for this seed, from the JPEG header alone: what a device-side decode and resize needs (min_size=None: the
+  exact window; decode_min_size(size, antialias): snapped to the DCT grid as the host decode does)."""
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+  shape = image_shape(encoded)
+  return crop_box(shape, inception_window(crop_seed)(shape), min_size), flip_decision(flip_seed)
+
+
+def eval_box(encoded, *, crop_ratio: float | None, min_size: int | None = None):
+  """The region eval_pixels resizes, as train_box (no flip)."""
+  shape = image_shape(encoded)
+  window_fn = full_window if crop_ratio is None else center_window(crop_ratio)
+  return crop_box(shape, window_fn(shape), min_size)
+
+
+def eval_pixels(encoded, *, size: int, crop_ratio: float | None, antialias: bool = False) -> tf.Tensor:
+  """Evaluation transform -> uint8: center crop (crop_ratio) and resize, or a plain resize when crop_ratio is None."""
+  min_size = decode_min_size(size, antialias)
   if crop_ratio is None:
-    image = decode(encoded)
-  else:
-    image = decode_window(encoded, center_window(crop_ratio))
-  return normalize(resize(image, size), mean, std)
+    return _resize_whole(decode_window(encoded, full_window, min_size), size, antialias)
+  return to_uint8(resize(decode_window(encoded, center_window(crop_ratio), min_size), size, antialias))
+
+
+def _resize_whole(image, size, antialias):
+  """uint8 image at size x size; images already that size (CIFAR, digits) are passed through untouched."""
+  same = tf.reduce_all(tf.shape(image)[:2] == size)
+  return tf.ensure_shape(tf.cond(same, lambda: image, lambda: to_uint8(resize(image, size, antialias))),
+                         (size, size, 3))
+
+
+def train_image(encoded, seed, *, augment: str, size: int, crop_ratio: float | None, mean, std,
+                antialias: bool = False) -> tf.Tensor:
+  """train_pixels, normalised (float32)."""
+  return normalize(train_pixels(encoded, seed, augment=augment, size=size, crop_ratio=crop_ratio,
+                                antialias=antialias), mean, std)
+
+
+def eval_image(encoded, *, size: int, crop_ratio: float | None, mean, std, antialias: bool = False) -> tf.Tensor:
+  """eval_pixels, normalised (float32)."""
+  return normalize(eval_pixels(encoded, size=size, crop_ratio=crop_ratio, antialias=antialias), mean, std)

@@ -1,0 +1,154 @@
+"""Per-process tf.data pipelines: a TFDS split -> local batches of uint8 pixels (the device normalises them).
+
+The only module of the input path that builds tf.data graphs; `input_pipeline` imports it (and with it
+TensorFlow) when a pipeline over real data is built, never for synthetic data or the train step.
+process_index/count are arguments so that tests can play every process.
+"""
+
+import functools
+import logging
+import math
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from resnext_jax.datasets import legacy_transforms
+from resnext_jax.datasets import sources
+from resnext_jax.datasets import transforms
+from resnext_jax.errors import ConfigError, DataError
+
+_SKIP_DECODING = {"image": tfds.decode.SkipDecoding()}  # our transforms decode (and crop) the bytes themselves
+
+
+def train_dataset(source: sources.Source, config, *, start_step: int, process_index: int,
+                  process_count: int, encoded: bool = False) -> tf.data.Dataset:
+  """This process's endless stream of local training batches {'image': uint8, 'label': int32}, from global step
+  start_step on. encoded=True (decoding on the device): {'encoded': the file's bytes, 'box': int32 (4,), 'flip':
+  bool, 'label'} instead of 'image', with the crop and flip the host path would use, read from the JPEG header."""
+  local_batch = config.batch_size // process_count
+  num_examples = source.builder.info.splits[source.train_split].num_examples
+  steps_per_epoch = num_examples // config.batch_size
+  if steps_per_epoch == 0:
+    raise DataError(f"config.batch_size={config.batch_size} exceeds the {num_examples} examples of "
+                    f"{source.builder.name}:{source.train_split}; use a smaller batch size.")
+  first_epoch, steps_into_epoch = divmod(start_step, steps_per_epoch)
+  # Deterministic file order (no reshuffle): a resumed run must read what the original run read.
+  records = source.builder.as_dataset(
+      split=tfds.even_splits(source.train_split, process_count)[process_index], shuffle_files=True,
+      decoders=_SKIP_DECODING,
+      read_config=tfds.ReadConfig(shuffle_seed=config.seed, shuffle_reshuffle_each_iteration=False))
+  if config.cache:
+    records = records.cache()
+  key = tf.constant([config.seed, process_index], tf.int64)
+
+  def epoch(e):
+    # Equal-length epochs on every process (steps_per_epoch full batches), so steps map to (epoch, offset).
+    seed = tf.random.experimental.stateless_fold_in(key, e)
+    shuffle_seed = tf.random.stateless_uniform([], seed, minval=None, maxval=None, dtype=tf.int64)
+    ds = records.shuffle(config.shuffle_buffer_size, seed=shuffle_seed).take(steps_per_epoch * local_batch)
+    ds = ds.enumerate().map(lambda i, ex: (tf.random.experimental.stateless_fold_in(seed, i), ex))
+    skip = tf.where(e == first_epoch, tf.constant(steps_into_epoch * local_batch, tf.int64), 0)
+    return ds.skip(skip)  # before decoding: resuming costs reading, not decoding, the skipped examples
+
+  if is_legacy(config):
+    transform = functools.partial(legacy_transforms.train_image, augment=source.augment, size=config.image_size,
+                                  crop_ratio=source.eval_crop_ratio, mean=source.mean, std=source.std)
+  else:
+    transform = functools.partial(transforms.train_pixels, augment=source.augment, size=config.image_size,
+                                  crop_ratio=source.eval_crop_ratio, antialias=antialias(config))
+  ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch)
+  if encoded:
+    if source.augment != "inception":
+      raise ConfigError(f"config.decode_on_device=True supports the Inception crop (imagenet2012, imagefolder), "
+                        f"not augment={source.augment!r}.")
+    def to_boxes(seed, ex):
+      box, flip = transforms.train_box(ex["image"], seed)
+      return {"encoded": ex["image"], "box": box, "flip": flip, "label": tf.cast(ex["label"], tf.int32)}
+    ds = ds.map(to_boxes, num_parallel_calls=tf.data.AUTOTUNE)
+    return _finish(ds.batch(local_batch, drop_remainder=True))
+  ds = ds.map(lambda seed, ex: {"image": transform(ex["image"], seed), "label": tf.cast(ex["label"], tf.int32)},
+              num_parallel_calls=tf.data.AUTOTUNE)
+  return _finish(ds.batch(local_batch, drop_remainder=True))
+
+
+def eval_dataset(source: sources.Source, config, *, process_index: int, process_count: int,
+                 encoded: bool = False) -> tf.data.Dataset:
+  """This process's local eval batches {'image': uint8, 'label', 'mask'}: its part of the split, then masked
+  (all-zero) padding up to a common batch count. encoded=True: 'encoded' and 'box' instead of 'image' (the
+  padding has empty bytes)."""
+  local_batch = config.eval_batch_size // process_count
+  parts = tfds.even_splits(source.eval_split, process_count)
+  splits = source.builder.info.splits
+  num_batches = max(math.ceil(splits[part].num_examples / local_batch) for part in parts)
+  transform = eval_transform(sources.transform_style(config), config)
+  ds = source.builder.as_dataset(split=parts[process_index], shuffle_files=False, decoders=_SKIP_DECODING)
+  if config.cache:
+    ds = ds.cache()
+  if encoded:
+    crop_ratio = sources.transform_style(config)["eval_crop_ratio"]
+    ds = ds.map(lambda ex: {"encoded": ex["image"], "box": transforms.eval_box(ex["image"], crop_ratio=crop_ratio),
+                            "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True)},
+                num_parallel_calls=tf.data.AUTOTUNE)
+    padding = tf.data.Dataset.from_tensors({"encoded": tf.constant(b""), "box": tf.zeros([4], tf.int32),
+                                            "label": tf.constant(0), "mask": tf.constant(False)}).repeat()
+    ds = ds.concatenate(padding).take(num_batches * local_batch)
+    return _finish(ds.batch(local_batch, drop_remainder=True))
+  ds = ds.map(lambda ex: {"image": transform(ex["image"]), "label": tf.cast(ex["label"], tf.int32),
+                          "mask": tf.constant(True)}, num_parallel_calls=tf.data.AUTOTUNE)
+  blank = tf.zeros((config.image_size, config.image_size, 3), tf.float32 if is_legacy(config) else tf.uint8)
+  padding = tf.data.Dataset.from_tensors({"image": blank,
+                                          "label": tf.constant(0), "mask": tf.constant(False)}).repeat()
+  ds = ds.concatenate(padding).take(num_batches * local_batch)
+  return _finish(ds.batch(local_batch, drop_remainder=True))
+
+
+def eval_transform(style: dict, config):
+  """encoded bytes -> uint8 eval pixels (normalised float32 with the legacy transforms), for config.dataset's
+  style (see sources.transform_style)."""
+  if is_legacy(config):
+    return functools.partial(legacy_transforms.eval_image, size=config.image_size,
+                             crop_ratio=style["eval_crop_ratio"], mean=style["mean"], std=style["std"])
+  return functools.partial(transforms.eval_pixels, size=config.image_size, crop_ratio=style["eval_crop_ratio"],
+                           antialias=antialias(config))
+
+
+def eval_pixels(encoded_bytes: bytes, config) -> np.ndarray:
+  """One image file's bytes -> uint8 (H, W, 3) eval pixels (legacy: normalised float32); ValueError if it does
+  not decode."""
+  tf_cpu_only()
+  try:
+    return eval_transform(sources.transform_style(config), config)(tf.constant(encoded_bytes)).numpy()
+  except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
+    raise ValueError(f"Not a decodable image ({e.message.splitlines()[0] if e.message else e}).") from e
+
+
+def antialias(config) -> bool:
+  return bool(config.get("antialias", False))
+
+
+TRANSFORMS = ("fast", "legacy")
+
+
+def is_legacy(config) -> bool:
+  """config.input_transform: 'fast' (transforms.py, uint8 out, normalised on the device) or 'legacy' (the
+  previous transforms, float32 normalised on the host; kept to measure against)."""
+  name = config.get("input_transform", "fast")
+  if name not in TRANSFORMS:
+    raise ConfigError(f"Unknown config.input_transform={name!r}; use one of {', '.join(TRANSFORMS)}.")
+  return name == "legacy"
+
+
+def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:
+  options = tf.data.Options()
+  options.deterministic = True  # parallel map and interleave still keep the order: the stream is reproducible
+  return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+@functools.cache
+def tf_cpu_only() -> None:
+  """Hides accelerators from TF so that tf.data does not reserve the memory JAX needs (once, before TF ops)."""
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:
+    logging.warning("TensorFlow initialised its devices before the input pipeline; it may hold GPU memory.")

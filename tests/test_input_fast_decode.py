@@ -1,0 +1,259 @@
+"""The fast input path: DCT-scaled window decoding, uint8 pixels normalised on the device, the device-side crop
+and resize against the host's, pre-resized storage, the legacy transforms, and TensorFlow kept out of the JAX-only
+modules."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from resnext_jax import errors
+from resnext_jax import input_pipeline
+from resnext_jax.datasets import device_augment
+from resnext_jax.datasets import legacy_transforms
+from resnext_jax.datasets import normalization
+from resnext_jax.datasets import synthetic_jpegs
+from resnext_jax.datasets import transforms
+from test_input_pipeline import REPO, default_config
+
+_RAW = dict(mean=(0.0,) * 3, std=(1 / 255,) * 3)  # normalisation that leaves pixel values in 0..255
+
+
+def _photo(h, w, seed=0):
+  return synthetic_jpegs.photo_like(np.random.default_rng(seed), h, w)
+
+
+def _mesh():
+  return Mesh(np.array(jax.devices()), ("data",))
+
+
+@pytest.mark.parametrize("shorter,size,scale", [(100, 48, 2), (200, 48, 4), (400, 48, 8), (90, 48, 1)])
+def test_dct_scale_decodes_at_the_smallest_sufficient_size(shorter, size, scale):
+  """The center window (crop_ratio 1: the whole square) is decoded at 1/r, r the largest with side/r >= size."""
+  encoded = tf.constant(synthetic_jpegs.encode_jpeg(_photo(shorter, shorter + 20)))
+  image = transforms.decode_window(encoded, transforms.center_window(1.0), size)
+  assert image.dtype == tf.uint8 and min(image.shape[:2]) == -(-shorter // scale)
+  assert min(image.shape[:2]) >= size
+  box = transforms.eval_box(encoded, crop_ratio=1.0, min_size=size).numpy()
+  assert (box[2] - box[0]) == shorter and box[0] % scale == 0  # snapped to the r-grid, still the whole square
+
+
+def test_fast_transforms_stay_close_to_the_legacy_ones():
+  """Same windows (same seeds) and flips; the differences are the resize filter, DCT scaling and uint8 rounding:
+  small next to the difference another window makes."""
+  kwargs = dict(augment="inception", size=96, crop_ratio=0.875, **_RAW)
+  for h, w in ((375, 500), (900, 1200)):
+    encoded = tf.constant(synthetic_jpegs.encode_jpeg(_photo(h, w)))
+    old = [legacy_transforms.train_image(encoded, tf.constant([1, s], tf.int64), **kwargs).numpy() for s in range(4)]
+    for s in range(4):
+      new = transforms.train_image(encoded, tf.constant([1, s], tf.int64), **kwargs).numpy()
+      same = np.abs(new - old[s]).mean()
+      other = min(np.abs(new - old[t]).mean() for t in range(4) if t != s)
+      assert same < 0.4 * other, (h, w, s, same, other)
+    new = transforms.eval_image(encoded, size=96, crop_ratio=0.875, antialias=True, **_RAW).numpy()
+    old_eval = legacy_transforms.eval_image(encoded, size=96, crop_ratio=0.875, **_RAW).numpy()
+    assert np.abs(new - old_eval).mean() < 3.0
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+def test_device_augment_matches_the_host_path(antialias):
+  """Same boxes and flips: device_augment equals train_pixels to uint8 rounding (0.5) given the same decoded pixels;
+  on the fully decoded image too, but for the crop's last column, which libjpeg's cropped decode upsamples a little
+  differently (mean still ~0.25); about one grey level apart where the host decodes at 1/2 or 1/4 (DCT scaling:
+  the device averages blocks instead)."""
+  size = 48
+  for (h, w), full_scale in (((90, 120), True), ((300, 260), False)):
+    encoded = synthetic_jpegs.encode_jpeg(_photo(h, w, seed=h))
+    full = tf.io.decode_jpeg(encoded, channels=3).numpy()
+    seeds = [tf.constant([2, s], tf.int64) for s in range(6)]
+    host = np.stack([transforms.train_pixels(tf.constant(encoded), seed, augment="inception", size=size,
+                                             crop_ratio=0.875, antialias=antialias).numpy() for seed in seeds])
+    min_size = transforms.decode_min_size(size, antialias)
+    boxes, flips = zip(*[transforms.train_box(tf.constant(encoded), seed, min_size=min_size) for seed in seeds])
+    boxes, flips = np.stack(boxes), np.stack(flips)
+    device = device_augment.crop_resize_flip(jnp.asarray(np.repeat(full[None], len(seeds), 0)), jnp.asarray(boxes),
+                                             jnp.asarray(flips), size=size, antialias=antialias)
+    diff = np.abs(np.asarray(device) - host.astype(np.float32))
+    assert device.shape == host.shape and device.dtype == jnp.float32
+    assert flips.any() and not flips.all()  # both branches exercised
+    if not full_scale:
+      assert diff.mean() < 1.5, diff.mean()
+      continue
+    assert diff.mean() < 0.3 and np.percentile(diff, 95) <= 0.5 + 1e-3, (diff.mean(), diff.max())
+    # The host's own decoded windows as the device's input (one zero-padded canvas): rounding only.
+    windows = []
+    for seed in seeds:
+      crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))[0]
+      windows.append(transforms.decode_window(tf.constant(encoded), transforms.inception_window(crop_seed),
+                                              min_size).numpy())
+    canvas = np.zeros((len(seeds), h, w, 3), np.uint8)
+    for i, window in enumerate(windows):
+      canvas[i, :window.shape[0], :window.shape[1]] = window
+    same = device_augment.crop_resize_flip(jnp.asarray(canvas), jnp.array([[0, 0, *x.shape[:2]] for x in windows]),
+                                           jnp.asarray(flips), size=size, antialias=antialias)
+    assert np.abs(np.asarray(same) - host).max() <= 0.5 + 1e-3
+
+
+def test_device_augment_ignores_canvas_padding():
+  """An image padded into a larger canvas gives the same crop as alone: only pixels inside the box are read."""
+  image = jnp.asarray(_photo(40, 50), jnp.float32)
+  canvas = jnp.full((64, 80, 3), 255.0).at[:40, :50].set(image)
+  box, flip = jnp.array([[0, 10, 40, 50]]), jnp.array([True])
+  alone = device_augment.crop_resize_flip(image[None], box, flip, size=16)
+  padded = device_augment.crop_resize_flip(canvas[None], box, flip, size=16)
+  np.testing.assert_allclose(alone, padded, atol=1e-4)
+
+
+def test_gpu_decode_says_what_to_install():
+  from resnext_jax.datasets import gpu_decode  # pylint: disable=import-outside-toplevel
+  try:
+    from nvidia import nvimgcodec  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    gpu_decode.nvimgcodec.cache_clear()
+    with pytest.raises(errors.ConfigError, match="nvidia-nvimgcodec-cu12"):
+      gpu_decode.nvimgcodec()
+  if jax.default_backend() != "gpu":
+    config = default_config()
+    config.update(dataset="imagefolder", data_dir="/nonexistent", decode_on_device=True)
+    with pytest.raises(errors.ConfigError, match="needs a GPU|nvimgcodec"):
+      input_pipeline.create_train_iterator(config, _mesh())
+
+
+def _image_folder(root, sizes):
+  for i, (h, w) in enumerate(sizes):
+    label = f"c{i % 2}"
+    os.makedirs(os.path.join(root, "train", label), exist_ok=True)
+    with open(os.path.join(root, "train", label, f"{i}.jpg"), "wb") as f:
+      f.write(synthetic_jpegs.encode_jpeg(_photo(h, w, seed=i)))
+
+
+def test_pre_resize_stores_smaller_images_and_trains(tmp_path):
+  sizes = [(300, 200), (90, 120), (260, 400), (100, 100)]
+  _image_folder(str(tmp_path), sizes)
+  config = default_config()
+  config.update(dataset="imagefolder", data_dir=str(tmp_path), eval_split="train", image_size=32, batch_size=4,
+                eval_batch_size=4, shuffle_buffer_size=16, pre_resize=96)
+  from resnext_jax.datasets import sources  # pylint: disable=import-outside-toplevel
+  source = sources.get_source(config)
+  assert source.builder.name == "pre_resized" and source.builder.info.splits["train"].num_examples == 4
+  stored = list(tfds.as_numpy(source.builder.as_dataset(split="train", shuffle_files=False)))
+  shorter = sorted(min(ex["image"].shape[:2]) for ex in stored)
+  assert shorter == [90, 96, 96, 96]  # larger images shrunk to 96, the 90-px one kept as it was
+  batch = next(input_pipeline.create_train_iterator(config, _mesh()))
+  assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == jnp.float32
+
+
+def test_legacy_transforms_still_run(tmp_path):
+  _image_folder(str(tmp_path), [(60, 80)] * 4)
+  config = default_config()
+  config.update(dataset="imagefolder", data_dir=str(tmp_path), eval_split="train", image_size=24, batch_size=4,
+                eval_batch_size=4, shuffle_buffer_size=16)
+  fast = [np.asarray(b["image"]) for b in input_pipeline.create_eval_iterator(config, _mesh())]
+  config.input_transform = "legacy"
+  legacy = [np.asarray(b["image"]) for b in input_pipeline.create_eval_iterator(config, _mesh())]
+  assert np.abs(fast[0] - legacy[0]).mean() < 0.1  # normalised units (one grey level is ~0.017)
+  config.input_transform = "bogus"
+  with pytest.raises(errors.ConfigError, match="input_transform"):
+    input_pipeline.create_eval_iterator(config, _mesh())
+
+
+def test_device_normalisation_matches_host_formula():
+  pixels = np.arange(256, dtype=np.uint8).repeat(3).reshape(1, 16, 16, 3)
+  batch = {"image": jnp.asarray(pixels), "mask": jnp.array([True])}
+  constants = tuple(map(tuple, normalization.normalization(transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)))
+  normalize = input_pipeline._normalize_on_device  # pylint: disable=protected-access
+  on_device = np.asarray(normalize(batch, constants)["image"])
+  on_host = normalization.normalize_numpy(pixels, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)
+  expected = (pixels / 255.0 - np.array(transforms.IMAGENET_MEAN)) / np.array(transforms.IMAGENET_STD)
+  np.testing.assert_allclose(on_device, on_host, atol=1e-6)
+  np.testing.assert_allclose(on_host, expected, atol=1e-5)
+
+
+_NO_TENSORFLOW = textwrap.dedent("""
+    import importlib.abc, sys
+    class Block(importlib.abc.MetaPathFinder):
+      def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
+          raise ImportError("blocked: " + name)
+    sys.meta_path.insert(0, Block())
+    import jax, numpy as np
+    from jax.sharding import Mesh
+    from resnext_jax import input_pipeline
+    from resnext_jax.datasets import device_augment, gpu_decode, normalization
+    from resnext_jax.configs import default
+    config = default.get_config()
+    config.update(dataset="synthetic", image_size=8, batch_size=4, eval_batch_size=4, synthetic_num_examples=6,
+                  synthetic_num_classes=3)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    batch = next(input_pipeline.create_train_iterator(config, mesh))
+    evals = list(input_pipeline.create_eval_iterator(config, mesh))
+    out = device_augment.crop_resize_flip(np.zeros((1, 8, 8, 3), np.uint8), np.array([[0, 0, 8, 8]]),
+                                          np.array([False]), size=4)
+    print("OK", batch["image"].shape, len(evals), out.shape, "tensorflow" in sys.modules)
+""")
+
+
+def test_jax_side_imports_without_tensorflow():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  result = subprocess.run([sys.executable, "-c", _NO_TENSORFLOW], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=240)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "OK (4, 8, 8, 3) 2 (1, 4, 4, 3) False" in result.stdout
+
+
+def test_synthetic_jpegs_look_like_imagenet():
+  rng = np.random.default_rng(0)
+  sizes = np.array([synthetic_jpegs.imagenet_size(rng) for _ in range(2000)])
+  assert 350 < sizes.mean(axis=0).min() and sizes.mean(axis=0).max() < 500
+  assert 0.02 < (sizes.min(axis=1) >= 512).mean() < 0.08  # the large tail that DCT scaling serves
+  assert np.median(sizes.max(axis=1)) == 500
+  bits = 8 * len(synthetic_jpegs.encode_jpeg(_photo(375, 500))) / (375 * 500)
+  assert 2.5 < bits < 6  # ImageNet's JPEGs: ~110 kB at ~400x470, about 4-5 bits per pixel
+
+
+def test_input_pipeline_benchmark_smoke(tmp_path):
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import input_pipeline_benchmark  # pylint: disable=import-outside-toplevel
+  result = input_pipeline_benchmark.main(["--num_images=8", "--batch_size=4", "--image_size=32", "--seconds=0.2",
+                                          "--repeats=1", "--settle=0.1", "--legacy", f"--data_dir={tmp_path}"])
+  json.dumps(result)
+  for key in ("train_images_per_cpu_s", "eval_images_per_cpu_s", "train_legacy_images_per_cpu_s",
+              "train_speedup_vs_legacy_per_cpu_s", "cpu"):
+    assert key in result
+  assert result["jpegs"]["num_files"] == 8
+
+
+_CACHE = textwrap.dedent("""
+    import sys, time
+    import jax, jax.numpy as jnp
+    from resnext_jax import compilation_cache
+    directory = compilation_cache.enable(sys.argv[1], min_compile_secs=0)
+    f = jax.jit(lambda x: jnp.tanh(jnp.sin(x) @ x.T + 1).sum(axis=0))
+    start = time.perf_counter()
+    f.lower(jnp.ones((64, 64))).compile()
+    counts = compilation_cache.counts()
+    print("CACHE", counts["hits"], counts["misses"], round(time.perf_counter() - start, 3), directory)
+""")
+
+
+def test_compilation_cache_serves_a_second_process(tmp_path):
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  runs = []
+  for _ in range(2):
+    result = subprocess.run([sys.executable, "-c", _CACHE, str(tmp_path / "xla")], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs.append(next(line.split()[1:] for line in result.stdout.splitlines() if line.startswith("CACHE")))
+  (hits1, misses1, _, dir1), (hits2, _, _, dir2) = runs
+  assert dir1 == dir2 == str(tmp_path / "xla") and os.listdir(dir1)
+  assert int(hits1) == 0 and int(misses1) >= 1 and int(hits2) >= 1
