@@ -107,7 +107,7 @@ def test_every_kernel_compiles_for_arm(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   for source in sorted(f for f in os.listdir(build.CSRC) if f.endswith(".cc")):
     result = subprocess.run(["aarch64-linux-gnu-g++", "-O3", "-march=armv8-a", "-std=c++17", "-fPIC", "-Wall",
-                             f"-I{jax.ffi.include_dir()}", "-c", os.path.join(build.CSRC, source),
+                             "-isystem", jax.ffi.include_dir(), "-c", os.path.join(build.CSRC, source),
                              "-o", str(tmp_path / f"{source}.o")], capture_output=True, text=True)
     assert result.returncode == 0, (source, result.stderr[-3000:])
     assert "warning" not in result.stderr, (source, result.stderr[-3000:])
