@@ -27,11 +27,11 @@ namespace {
 
 constexpr int64_t kBlockRows = 64;
 
-// The two nonlinear steps, for one float or 16 channels (see vec.h).
+// The two nonlinear steps, for one float or kLanes channels (see vec.h).
 inline float relu(float v) { return v > 0.f ? v : 0.f; }
-inline v16 relu(v16 v) { return v > 0.f ? v : v16{}; }
+inline vf relu(vf v) { return v > 0.f ? v : vf{}; }
 inline float where_positive(float y, float g) { return y > 0.f ? g : 0.f; }
-inline v16 where_positive(v16 y, v16 g) { return y > 0.f ? g : v16{}; }
+inline vf where_positive(vf y, vf g) { return y > 0.f ? g : vf{}; }
 
 struct Shape {
   int64_t m, c;

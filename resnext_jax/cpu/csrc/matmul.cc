@@ -7,10 +7,14 @@
 // docs/performance.md).
 //
 // Layout: x [N, H, W, K], w [K, C], y [N, H, W, C]; rows are the N*H*W pixels. C (the vector dimension)
-// must be a multiple of 16; K and the row count are arbitrary.
+// must be a multiple of kLanes (the Python side sends multiples of 16); K and the row count are arbitrary.
+//
+// The register tile (R rows x V vectors of accumulators) and the block sizes are functions of the vector width
+// and register count (vec.h), one source for every ISA; `Gemm<R, V, ...>` takes them as template parameters.
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "parallel.h"
@@ -25,30 +29,50 @@ namespace {
 using Array = ffi::Buffer<ffi::F32>;      // any rank
 using Matrix = ffi::Buffer<ffi::F32, 2>;
 
-constexpr int kRows = 6;   // output rows of one register tile
-constexpr int kVecs = 4;   // 16-float vectors per tile row: 6 x 64 accumulators in 24 of the 32 registers
-constexpr int64_t kDepth = 512;        // forward: reduction steps per pass over a row block (y reloaded after)
-constexpr int64_t kRowBlock = 96;      // forward: rows of x that stay in L2 while every column panel of w passes
-constexpr int64_t kKernelGradRows = 256;  // kernel gradient: pixels summed per pass before dw's tile is stored
+// The register tile and block sizes per ISA, from kLanes and kVectorRegisters (vec.h):
+//   AVX-512 (16 lanes, 32 registers): 6 rows x 4 vectors (6 x 64 floats): 24 accumulators + 4 vectors of w + 1
+//     broadcast of x; kDepth 512, kRowBlock 96, kKernelGradRows 256, panels read in place (tuned on Zen 5).
+//   AVX2 and SSE (16 registers): 6 rows x 2 vectors (BLIS's Haswell 6x16 on AVX2): 12 accumulators + 2 + 1.
+//     Measured single-threaded on AVX2 (Zen 3) over the resnext50 train step's 1x1 products against 4x3, 3x4,
+//     5x2, 4x2 and 8x1 tiles (4x3 and 3x4 25-35% slower in the input and kernel gradients, 8x1 ~2x), and on
+//     SSE (x86-64-v2) against 4x3, 4x2 and 3x3. Packed panels (see Gemm): forward -21%, input gradient -18%,
+//     kernel gradient -16% on AVX2 (most for C >= 512), about even on SSE. kDepth 256 (a panel's slice, 256 x
+//     16 floats, then fills half of L1) 2-4% faster than 512 before packing, even after; kRowBlock 48 or 192,
+//     kKernelGradRows 512 no better, 128 ~8% slower.
+//   NEON (4 lanes, 32 registers): 5 rows x 4 vectors (5 x 16 floats). GCC keeps each row's x in its own
+//     register for fmla by element, so a tile needs R*V + V + R registers: 6 x 4 spills an accumulator every
+//     step (GCC 12 at -O3), 5 x 4 (29) does not. Blocks and packing as AVX2's (the same 16-column panel).
+//     Untuned: no aarch64 machine measured.
+constexpr int kVecs = kVectorRegisters >= 32 ? 4 : 2;                 // V: vectors per tile row
+constexpr int kRows = kVectorRegisters >= 32 && kLanes < 16 ? 5 : 6;  // R: output rows of one register tile
+constexpr bool kWideTile = kLanes * kVecs >= 64;                      // AVX-512's 6 x 64 tile
+constexpr int64_t kDepth = kWideTile ? 512 : 256;  // forward: reduction steps per pass over a row block
+constexpr int64_t kRowBlock = 96;                  // forward: rows of x kept in L2 while w's panels pass
+constexpr int64_t kKernelGradRows = 256;           // kernel gradient: pixels summed per pass over dw's tiles
+constexpr bool kPackPanels = !kWideTile;           // tiles read contiguous copies of w's and dy's panels (Gemm)
+static_assert(kRows * kVecs + kVecs + 1 <= kVectorRegisters, "the register tile must fit the registers");
 
-// c[i, 16v:16v+16] (+)= sum_p a[i * a_row + p * a_step] * b[p * b_step + 16v : +16], i < R, v < V.
-// The R x 16V accumulators live in registers for all `steps`: one vector load of b and R broadcasts of a
+// c[i, kLanes*v : +kLanes] (+)= sum_p a[i * a_row + p * a_step] * b[p * b_step + kLanes*v : +kLanes], i < R,
+// v < V. The R x V accumulators live in registers for all `steps`: V vector loads of b and R broadcasts of a
 // feed R * V fused multiply-adds.
 template <int R, int V, bool kAccumulate>
 inline void tile(const float* a, int64_t a_row, int64_t a_step, const float* b, int64_t b_step, float* c,
                  int64_t c_row, int64_t steps) {
-  v16 acc[R][V];
+  vf acc[R][V];
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) acc[i][v] = kAccumulate ? load(c + i * c_row + kLanes * v) : v16{};
+    for (int v = 0; v < V; ++v) acc[i][v] = kAccumulate ? load(c + i * c_row + kLanes * v) : vf{};
+#ifdef __clang__
+#pragma clang loop unroll(disable)  // clang unrolls this loop 4x and runs out of registers: 30-50% slower on AVX2
+#endif
   for (int64_t p = 0; p < steps; ++p) {
-    v16 bv[V];
+    vf bv[V];
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) bv[v] = load(b + p * b_step + kLanes * v);
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
-      const v16 ai = v16{} + a[i * a_row + p * a_step];
+      const vf ai = splat(a[i * a_row + p * a_step]);
 #pragma GCC unroll 4
       for (int v = 0; v < V; ++v) acc[i][v] += ai * bv[v];
     }
@@ -59,7 +83,7 @@ inline void tile(const float* a, int64_t a_row, int64_t a_step, const float* b, 
     for (int v = 0; v < V; ++v) store(c + i * c_row + kLanes * v, acc[i][v]);
 }
 
-// A tile of `rows` <= kRows rows and `vecs` <= kVecs vectors: the edge tiles too.
+// A tile of `rows` <= R rows and `vecs` <= V vectors: the edge tiles too.
 struct Tile {
   const float* a;
   int64_t a_row, a_step;
@@ -77,71 +101,124 @@ void run_rows(int rows, const Tile& t) {
   tile<R, V, kAccumulate>(t.a, t.a_row, t.a_step, t.b, t.b_step, t.c, t.c_row, t.steps);
 }
 
-template <int V, bool kAccumulate>
+template <int R, int V, bool kAccumulate>
 void run_vecs(int rows, int vecs, const Tile& t) {
   if constexpr (V > 1) {
-    if (vecs < V) return run_vecs<V - 1, kAccumulate>(rows, vecs, t);
+    if (vecs < V) return run_vecs<R, V - 1, kAccumulate>(rows, vecs, t);
   }
-  run_rows<kRows, V, kAccumulate>(rows, t);
+  run_rows<R, V, kAccumulate>(rows, t);
 }
 
-void run_tile(bool accumulate, int rows, int vecs, const Tile& t) {
-  if (accumulate) {
-    run_vecs<kVecs, true>(rows, vecs, t);
-  } else {
-    run_vecs<kVecs, false>(rows, vecs, t);
+// Uninitialised float storage, 64-byte aligned: a vector must not straddle two cache lines (malloc aligns to
+// 16 bytes, and split loads made packed panels slower than none).
+class AlignedFloats {
+ public:
+  explicit AlignedFloats(int64_t n) : storage_(n > 0 ? new float[n + 16] : nullptr) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(storage_.get());
+    data_ = storage_.get() + ((64 - p % 64) % 64) / sizeof(float);
   }
-}
+  float* data() { return data_; }
 
-constexpr int64_t kPanel = kLanes * kVecs;  // output columns of a full tile
+ private:
+  std::unique_ptr<float[]> storage_;
+  float* data_;
+};
 
-// y[m0:m1] = x[m0:m1] w for x [M, K], w [K, C], y [M, C]. A block of rows and depth stays in L2 while every
-// column panel passes over it; w is read in place (rows of a panel are contiguous 256-byte runs).
-void forward_rows(const float* x, const float* w, float* y, int64_t m0, int64_t m1, int64_t k, int64_t c) {
-  for (int64_t r0 = m0; r0 < m1; r0 += kRowBlock) {
-    const int64_t r1 = std::min(m1, r0 + kRowBlock);
-    for (int64_t d0 = 0; d0 < k; d0 += kDepth) {
-      const int64_t depth = std::min(kDepth, k - d0);
-      for (int64_t j = 0; j < c; j += kPanel) {
-        const int vecs = static_cast<int>(std::min(kPanel, c - j) / kLanes);
-        for (int64_t r = r0; r < r1; r += kRows) {
-          const int rows = static_cast<int>(std::min<int64_t>(kRows, r1 - r));
-          run_tile(d0 > 0, rows, vecs, Tile{x + r * k + d0, k, 1, w + d0 * c + j, c, y + r * c + j, c, depth});
+// The two products on R x V register tiles with the given block sizes (see kRows ... kKernelGradRows).
+//
+// With kPack, the tiles read the column panels of w (forward) and dy (kernel gradient) from contiguous copies.
+// Read in place, a panel's rows are C floats apart, so for C >= 256 they fall into a few cache sets and the
+// panel cannot stay in L1 (for C >= 1024, nor in L2) however few its rows. w is packed whole, once per call
+// (pack_w; packing each panel again for every block of rows cost more than it saved), dy a block of pixels
+// and one panel at a time, where the K / R tiles of dw's rows that reuse it are 16 or more.
+template <int R, int V, int64_t kDepthT, int64_t kRowBlockT, int64_t kKernelGradRowsT, bool kPack>
+struct Gemm {
+  static constexpr int64_t kPanel = kLanes * V;  // output columns of a full tile
+  static constexpr bool kPacked = kPack;
+
+  static void run_tile(bool accumulate, int rows, int vecs, const Tile& t) {
+    if (accumulate) {
+      run_vecs<R, V, true>(rows, vecs, t);
+    } else {
+      run_vecs<R, V, false>(rows, vecs, t);
+    }
+  }
+
+  // Rows [0, n) of the panel of `vecs` vectors a row at b (rows b_step apart) into out, kPanel floats a row.
+  static void copy_panel(const float* b, int64_t b_step, int64_t n, int vecs, float* out) {
+    for (int64_t p = 0; p < n; ++p)
+      for (int v = 0; v < vecs; ++v) store(out + p * kPanel + v * kLanes, load(b + p * b_step + v * kLanes));
+  }
+
+  // Column panels [j0, j1) of w [K, C] into `packed` [ceil(C / kPanel) panels][K][kPanel] (the panel at
+  // column j starts at j * K), for forward_rows with kPack.
+  static void pack_w(const float* w, int64_t k, int64_t c, int64_t j0, int64_t j1, float* packed) {
+    for (int64_t j = j0 * kPanel; j < std::min(c, j1 * kPanel); j += kPanel)
+      copy_panel(w + j, c, k, static_cast<int>(std::min(kPanel, c - j) / kLanes), packed + j * k);
+  }
+
+  // y[m0:m1] = x[m0:m1] w for x [M, K], w [K, C] (with kPack: packed by pack_w), y [M, C]. A block of rows and
+  // depth stays in L2 while every column panel of w passes over it. C is a multiple of kLanes, not necessarily
+  // of kPanel: the last panel may be narrower.
+  static void forward_rows(const float* x, const float* w, float* y, int64_t m0, int64_t m1, int64_t k,
+                           int64_t c) {
+    for (int64_t r0 = m0; r0 < m1; r0 += kRowBlockT) {
+      const int64_t r1 = std::min(m1, r0 + kRowBlockT);
+      for (int64_t d0 = 0; d0 < k; d0 += kDepthT) {
+        const int64_t depth = std::min(kDepthT, k - d0);
+        for (int64_t j = 0; j < c; j += kPanel) {
+          const int vecs = static_cast<int>(std::min(kPanel, c - j) / kLanes);
+          const float* b = kPack ? w + j * k + d0 * kPanel : w + d0 * c + j;
+          const int64_t b_step = kPack ? kPanel : c;
+          for (int64_t r = r0; r < r1; r += R) {
+            const int rows = static_cast<int>(std::min<int64_t>(R, r1 - r));
+            run_tile(d0 > 0, rows, vecs, Tile{x + r * k + d0, k, 1, b, b_step, y + r * c + j, c, depth});
+          }
         }
       }
     }
   }
-}
 
-// dw = x[m0:m1]^T dy[m0:m1] for x [M, K], dy [M, C], dw [K, C]: the same tiles with the rows of dw as the
-// tile rows and the pixels as the reduction. Each block of pixels of x is first copied into kRows-wide column
-// strips (zero-padded), so that a tile's broadcasts read one contiguous strip instead of a line of x per
-// pixel (~5% faster).
-void kernel_grad_rows(const float* x, const float* dy, float* dw, int64_t m0, int64_t m1, int64_t k, int64_t c) {
-  if (m0 >= m1) std::fill(dw, dw + k * c, 0.f);
-  const int64_t strips = (k + kRows - 1) / kRows;
-  std::vector<float> packed(strips * kKernelGradRows * kRows);
-  for (int64_t p0 = m0; p0 < m1; p0 += kKernelGradRows) {
-    const int64_t steps = std::min(m1, p0 + kKernelGradRows) - p0;
-    for (int64_t s = 0; s < strips; ++s) {
-      const int rows = static_cast<int>(std::min<int64_t>(kRows, k - s * kRows));
-      float* strip = packed.data() + s * steps * kRows;
-      for (int64_t p = 0; p < steps; ++p) {
-        const float* src = x + (p0 + p) * k + s * kRows;
-        for (int i = 0; i < kRows; ++i) strip[p * kRows + i] = i < rows ? src[i] : 0.f;
-      }
-    }
-    for (int64_t j = 0; j < c; j += kPanel) {
-      const int vecs = static_cast<int>(std::min(kPanel, c - j) / kLanes);
+  // dw = x[m0:m1]^T dy[m0:m1] for x [M, K], dy [M, C], dw [K, C]: the same tiles with the rows of dw as the
+  // tile rows and the pixels as the reduction. Each block of pixels of x is first copied into R-wide column
+  // strips (zero-padded), so that a tile's broadcasts read one contiguous strip instead of a line of x per
+  // pixel (~5% faster on AVX-512).
+  static void kernel_grad_rows(const float* x, const float* dy, float* dw, int64_t m0, int64_t m1, int64_t k,
+                               int64_t c) {
+    if (m0 >= m1) std::fill(dw, dw + k * c, 0.f);
+    const int64_t strips = (k + R - 1) / R;
+    std::vector<float> packed(strips * kKernelGradRowsT * R);
+    AlignedFloats panel(kPack ? kKernelGradRowsT * kPanel : 0);
+    for (int64_t p0 = m0; p0 < m1; p0 += kKernelGradRowsT) {
+      const int64_t steps = std::min(m1, p0 + kKernelGradRowsT) - p0;
       for (int64_t s = 0; s < strips; ++s) {
-        const int rows = static_cast<int>(std::min<int64_t>(kRows, k - s * kRows));
-        run_tile(p0 > m0, rows, vecs,
-                 Tile{packed.data() + s * steps * kRows, 1, kRows, dy + p0 * c + j, c, dw + s * kRows * c + j, c,
-                      steps});
+        const int rows = static_cast<int>(std::min<int64_t>(R, k - s * R));
+        float* strip = packed.data() + s * steps * R;
+        for (int64_t p = 0; p < steps; ++p) {
+          const float* src = x + (p0 + p) * k + s * R;
+          for (int i = 0; i < R; ++i) strip[p * R + i] = i < rows ? src[i] : 0.f;
+        }
+      }
+      for (int64_t j = 0; j < c; j += kPanel) {
+        const int vecs = static_cast<int>(std::min(kPanel, c - j) / kLanes);
+        const float* b = dy + p0 * c + j;
+        int64_t b_step = c;
+        if (kPack && strips >= 16) {  // the copy's cost against the strided reads of the tiles that share it
+          copy_panel(b, b_step, steps, vecs, panel.data());
+          b = panel.data();
+          b_step = kPanel;
+        }
+        for (int64_t s = 0; s < strips; ++s) {
+          const int rows = static_cast<int>(std::min<int64_t>(R, k - s * R));
+          run_tile(p0 > m0, rows, vecs,
+                   Tile{packed.data() + s * steps * R, 1, R, b, b_step, dw + s * R * c + j, c, steps});
+        }
       }
     }
   }
-}
+};
+
+using Kernel = Gemm<kRows, kVecs, kDepth, kRowBlock, kKernelGradRows, kPackPanels>;
 
 // The rows (product of the leading dimensions) of `dims` if its last dimension is `width`, else -1.
 int64_t rows_of(ffi::Span<const int64_t> dims, int64_t width) {
@@ -155,11 +232,20 @@ int64_t rows_of(ffi::Span<const int64_t> dims, int64_t width) {
 ffi::Error Forward(ffi::ThreadPool pool, Array x, Matrix w, ffi::Result<Array> y) {
   const int64_t k = w.dimensions()[0], c = w.dimensions()[1], m = rows_of(x.dimensions(), k);
   if (m < 0 || rows_of(y->dimensions(), c) != m || c % kLanes != 0)
-    return ffi::Error::InvalidArgument("matmul: expected x [.., K], w [K, C], y [.., C] with C a multiple of 16");
+    return ffi::Error::InvalidArgument(
+        "matmul: expected x [.., K], w [K, C], y [.., C], C a multiple of the vector width (" RESNEXT_JAX_ISA ")");
   const float *xp = x.typed_data(), *wp = w.typed_data();
   float* yp = y->typed_data();
+  const int64_t panels = (c + Kernel::kPanel - 1) / Kernel::kPanel;
+  AlignedFloats packed(Kernel::kPacked ? panels * Kernel::kPanel * k : 0);  // the last panel may be narrower
+  if constexpr (Kernel::kPacked) {
+    parallel_for(pool, panels, chunks_for(pool, 1), [&](int64_t begin, int64_t end) {
+      Kernel::pack_w(wp, k, c, begin, end, packed.data());
+    });
+    wp = packed.data();
+  }
   parallel_for(pool, m, chunks_for(pool, 2), [&](int64_t begin, int64_t end) {
-    forward_rows(xp, wp, yp, begin, end, k, c);
+    Kernel::forward_rows(xp, wp, yp, begin, end, k, c);
   });
   return ffi::Error::Success();
 }
@@ -169,14 +255,15 @@ ffi::Error Forward(ffi::ThreadPool pool, Array x, Matrix w, ffi::Result<Array> y
 ffi::Error KernelGrad(ffi::ThreadPool pool, Array x, Array dy, ffi::Result<Matrix> dw) {
   const int64_t k = dw->dimensions()[0], c = dw->dimensions()[1], m = rows_of(x.dimensions(), k);
   if (m < 0 || rows_of(dy.dimensions(), c) != m || c % kLanes != 0)
-    return ffi::Error::InvalidArgument("matmul: expected x [.., K], dy [.., C], dw [K, C] with C a multiple of 16");
+    return ffi::Error::InvalidArgument(
+        "matmul: expected x [.., K], dy [.., C], dw [K, C], C a multiple of the vector width (" RESNEXT_JAX_ISA ")");
   const float *xp = x.typed_data(), *gp = dy.typed_data();
   float* out = dw->typed_data();
   const int64_t shares = std::min<int64_t>(chunks_for(pool, 1), std::max<int64_t>(1, m / kKernelGradRows));
   std::vector<float> partial((shares - 1) * k * c);
   auto share_out = [&](int64_t s) { return s == 0 ? out : partial.data() + (s - 1) * k * c; };
   parallel_for(pool, shares, shares, [&](int64_t s, int64_t) {
-    kernel_grad_rows(xp, gp, share_out(s), s * m / shares, (s + 1) * m / shares, k, c);
+    Kernel::kernel_grad_rows(xp, gp, share_out(s), s * m / shares, (s + 1) * m / shares, k, c);
   });
   if (shares > 1) {
     parallel_for(pool, k * c, chunks_for(pool, 4), [&](int64_t begin, int64_t end) {

@@ -19,26 +19,26 @@ using namespace resnext_jax;  // NOLINT: parallel.h and vec.h helpers
 
 namespace {
 
-// Steps of the pool for one float or 16 channels (see vec.h).
+// Steps of the pool for one float or kLanes channels (see vec.h).
 inline float vmax(float a, float b) { return a > b ? a : b; }
-inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 inline float splat(float v, float) { return v; }
-inline v16 splat(float v, v16) { return v16{} + v; }
+inline vf splat(float v, vf) { return resnext_jax::splat(v); }
 // Lanes of `x` equal to `y` not yet `taken`, as a mask; `taken` gains them.
 inline bool first_equal(float x, float y, bool* taken) {
   const bool m = x == y && !*taken;
   *taken = *taken || m;
   return m;
 }
-inline i16 first_equal(v16 x, v16 y, i16* taken) {
-  const i16 m = (x == y) & ~*taken;
+inline vi first_equal(vf x, vf y, vi* taken) {
+  const vi m = (x == y) & ~*taken;
   *taken |= m;
   return m;
 }
 inline float masked(bool m, float g) { return m ? g : 0.f; }
-inline v16 masked(i16 m, v16 g) { return m ? g : v16{}; }
+inline vf masked(vi m, vf g) { return m ? g : vf{}; }
 inline bool no_lanes(float) { return false; }
-inline i16 no_lanes(v16) { return i16{}; }
+inline vi no_lanes(vf) { return vi{}; }
 
 struct Pool {
   int64_t n, h, w, ho, wo, c, kh, kw, sh, sw, pt, pl;

@@ -50,7 +50,16 @@ inline float load(const float* p, float) { return *p; }
 inline vf load(const float* p, vf) { return load(p); }
 inline void store(float* p, float v) { *p = v; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-inline vf splat(float v) { return vf{} + v; }
+namespace detail {
+template <int... L>
+inline vf splat(float v, std::integer_sequence<int, L...>) {
+  const vf t = {v};
+  return __builtin_shufflevector(t, t, (L * 0)...);
+}
+}  // namespace detail
+// v in every lane: one broadcast (vbroadcastss, ld1r/dup). Not `vf{} + v`: that adds 0 first (the compiler may
+// not drop it, -0 + 0 being +0), an instruction and a register more in the GEMM's inner loop.
+inline vf splat(float v) { return detail::splat(v, std::make_integer_sequence<int, kLanes>{}); }
 
 // body(j, T{}) for channel j with T = vf (channels j..j+kLanes-1) or float (the tail).
 template <typename F>
