@@ -1,11 +1,13 @@
 """The throughput benchmark's command line: a tiny model, one timed step, the JSON contract."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
+
+from resnext_jax import models, summary
+from test_torch_weights import require_torch
 
 
 def run_benchmark(*args):
@@ -22,11 +24,13 @@ def test_last_line_is_the_json_result(mode, impl):
   assert {k: result[k] for k in ("model", "mode", "batch_size", "impl", "backend")} == {
       "model": "resnext11_4x16d", "mode": mode, "batch_size": 4, "impl": impl, "backend": "cpu"}
   assert result["images_per_sec"] > 0
+  # Achieved FLOP/s from the model's own multiply-adds at this size, for either mode (3 forwards per train image).
+  flops = summary.flops_per_image(models.create_model("resnext11_4x16d"), 16, mode)
+  assert result["achieved_tflops"] == pytest.approx(result["images_per_sec"] * flops / 1e12, rel=1e-3)
 
 
 def test_compare_torch_reports_a_ratio():
-  if importlib.util.find_spec("torchvision") is None:  # not imported here: torch beside TensorFlow crashes
-    pytest.skip("torchvision not installed (optional dependency; CI has none)")
+  require_torch("torchvision")  # not imported here: torch beside TensorFlow crashes
   result = subprocess.run([sys.executable, "-m", "resnext_jax.benchmark", "--model", "resnext50_32x4d",
                            "--batch-size", "2", "--image-size", "64", "--steps", "1", "--mode", "eval",
                            "--compare-torch"], capture_output=True, text=True, timeout=600)

@@ -82,14 +82,32 @@ def test_matches_xla_float32(impl, case):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol, err_msg=name)
 
 
+# bfloat16 cases, chosen by value (list positions drift as CASES grows): grouped convs for the grouped kernel,
+# 'blockdiag' and 'matmul' per super-group; 1x1 convs for the GEMM kernel and 'matmul' as one dot.
+BF16_CASES = {
+    "grouped_s2": (3, 2, 1, 8, 16, 16, 4),
+    "grouped8_s2": (3, 2, 1, 7, 64, 64, 8),
+    "1x1_s2": (1, 2, 0, 7, 16, 32, 1),
+    "1x1_edge_tiles": (1, 1, 0, 5, 80, 112, 1),
+}
+assert all(case in CASES for case in BF16_CASES.values())
+
+
 @pytest.mark.parametrize("impl", conv.IMPLS)
-@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6]], ids=["grouped_s2", "grouped8_s2", "1x1_s2"])
+@pytest.mark.parametrize("case", list(BF16_CASES.values()), ids=list(BF16_CASES))
 def test_bfloat16_close_to_float32(impl, case):
-  """bfloat16 inputs: output and gradients within bfloat16 rounding (8 bits, sums of <= 144 terms) of float32's."""
+  """bfloat16 inputs: output and gradients within bfloat16 rounding (8 bits, sums of <= 144 terms) of float32's;
+  'kernel' runs them on our kernels (forward and both gradients)."""
   for got, want, name in zip(_results(case, impl, jnp.bfloat16), _results(case, "xla"), ("output", "dx", "dkernel")):
     assert got.dtype == jnp.bfloat16
     scale = float(jnp.abs(want).max())
     np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.02, atol=0.02 * scale, err_msg=name)
+  if impl == "kernel":
+    x, w = _inputs(case, jnp.bfloat16)
+    hlo = jax.jit(jax.grad(lambda x, w: jnp.sum(_conv_fn(case, "kernel")(x, w).astype(jnp.float32) ** 2),
+                           (0, 1))).lower(x, w).as_text()
+    kind = "grouped_conv" if case[-1] > 1 else "matmul"
+    assert hlo.count(f"custom_call @resnext_jax_{kind}_") == 3, kind  # forward, input and kernel gradients
 
 
 def test_params_identical_to_nn_conv_and_shared_across_impls():

@@ -1,6 +1,5 @@
 """torchvision weights: golden outputs made by torchvision itself (../shared/fixtures) and the CLI."""
 
-import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from resnext_jax import checkpoint, convert, errors, models
+from test_torch_weights import require_torch
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 WEIGHTS = FIXTURES / "torchvision_resnext_tiny.safetensors"
@@ -60,6 +60,13 @@ def test_reproduces_torchvision_in_float32(golden):
   for size in SIZES:
     logits = model.apply(variables, nhwc(outputs[f"x{size}_nchw"]).astype(np.float32))
     np.testing.assert_allclose(logits, outputs[f"x{size}_logits"], rtol=1e-5, atol=1e-5)
+  # Each stage too, as in float64: the logits average layer4 over space, so a stage's output could be wrong
+  # (e.g. its pixels permuted) with the logits still right.
+  feats = model.apply(variables, nhwc(outputs["x64_nchw"]).astype(np.float32), features=True)
+  for stage in ("stem", "layer1", "layer2", "layer3", "layer4"):
+    want = nhwc(outputs[f"x64_{stage}_nchw"])
+    assert feats[stage].dtype == np.float32 and feats[stage].shape == want.shape, stage
+    np.testing.assert_allclose(feats[stage], want, rtol=1e-5, atol=2e-5, err_msg=stage)
 
 
 _TORCH_TENSORS = """
@@ -74,8 +81,7 @@ print("same")
 
 
 def test_accepts_torch_tensors():
-  if importlib.util.find_spec("torch") is None:  # optional dependency: numpy arrays are covered above
-    pytest.skip("torch not installed (optional dependency; CI has none)")
+  require_torch()  # optional dependency: numpy arrays are covered above
   # A fresh process: torch imported beside TensorFlow (which other tests load) crashes.
   result = subprocess.run([sys.executable, "-c", _TORCH_TENSORS.format(weights=str(WEIGHTS))],
                           capture_output=True, text=True, timeout=300)

@@ -21,11 +21,14 @@ from resnext_jax import checkpoint, convert, models
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def require_torch():
-  if importlib.util.find_spec("torch") is None:
+def require_torch(*modules):
+  """Skips without torch (and `modules`, e.g. torchvision); fails instead where RESNEXT_JAX_REQUIRE_TORCH is set."""
+  missing = [m for m in ("torch", *modules) if importlib.util.find_spec(m) is None]
+  if missing:
     if os.environ.get("RESNEXT_JAX_REQUIRE_TORCH"):
-      pytest.fail("torch is not installed but RESNEXT_JAX_REQUIRE_TORCH is set (pip install -e '.[torch]')")
-    pytest.skip("torch not installed (optional dependency: pip install -e '.[torch]')")
+      pytest.fail(f"{', '.join(missing)} not installed, and RESNEXT_JAX_REQUIRE_TORCH is set "
+                  "(pip install -e '.[torch]')")
+    pytest.skip(f"{', '.join(missing)} not installed (optional dependency: pip install -e '.[torch]')")
 
 
 _SAVE_PTH = """

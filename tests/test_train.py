@@ -76,22 +76,8 @@ def test_recipe_features_train_eval_checkpoint(tmp_path, capsys):
     evaluate.evaluate(config, workdir)
 
 
-def test_resume_ends_exactly_as_uninterrupted(tmp_path, capsys):
-  straight, sliced = str(tmp_path / "straight"), str(tmp_path / "sliced")
-  config = tiny_config(num_train_steps=4, checkpoint_every_steps=3, ema_decay=0.9, lr_schedule="cosine")
-  full = train.train_and_evaluate(config, straight)
-
-  first = tiny_config(num_train_steps=4, checkpoint_every_steps=3, ema_decay=0.9, stop_after_steps=2)
-  assert train.train_and_evaluate(first, sliced) is None  # stops (and checkpoints) at step 2
-  assert sorted(os.listdir(os.path.join(sliced, "checkpoints"))) == ["2"]
-  resumed = train.train_and_evaluate(config, sliced)  # resumes at step 2, saves at 3 and 4
-  assert resumed == full
-  capsys.readouterr()
-
-  mesh = runtime.make_mesh()
-  _, a, _, _ = checkpoint.load_variables(config, straight, mesh, (8, 8, 3))
-  _, b, _, _ = checkpoint.load_variables(config, sliced, mesh, (8, 8, 3))
-  jax.tree.map(np.testing.assert_array_equal, a, b)  # params, BN statistics and EMA: bit for bit
+# Resumption: tests/test_resume.py (a shuffled dataset, where the restart position matters; a synthetic run
+# repeats one batch and cannot tell).
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
