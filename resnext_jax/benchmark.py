@@ -31,13 +31,11 @@ import jax
 import numpy as np
 
 from resnext_jax import models
+from resnext_jax import summary
 from resnext_jax.cpu import host_memory
 from resnext_jax.layers import conv
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167  # only shapes the learning-rate schedule, which does not change the cost
-
-# One ResNeXt-50 32x4d 224 training image costs about 3 x 8.46 GFLOP (forward + 2x for the backward).
-TRAIN_GFLOP_PER_IMAGE_224 = {"resnext50_32x4d": 25.4}
 
 
 def parse_args(argv=None):
@@ -179,9 +177,9 @@ def main(argv=None):
                 dtype=args.dtype, impl=args.impl, host_malloc=args.host_malloc, backend=jax.default_backend(),
                 device=jax.devices()[0].device_kind, steps=args.steps, config=args.config)
   result["images_per_sec"] = round(benchmark_jax(args), 3)
-  if args.mode == "train" and args.model in TRAIN_GFLOP_PER_IMAGE_224:
-    flops = result["images_per_sec"] * TRAIN_GFLOP_PER_IMAGE_224[args.model] * (args.image_size / 224) ** 2
-    result["achieved_tflops"] = round(flops / 1e3, 4)
+  # From the model's exact multiply-adds at this size (summary.py): 2 FLOPs each, x3 for a train step.
+  flops = summary.flops_per_image(models.create_model(args.model), args.image_size, args.mode)
+  result["achieved_tflops"] = float(f"{result['images_per_sec'] * flops / 1e12:.4g}")
   if args.compare_torch:
     result["torch_images_per_sec"] = round(torch_in_child_process([a for a in argv if a != "--compare-torch"]), 3)
     result["ratio_vs_torch"] = round(result["images_per_sec"] / result["torch_images_per_sec"], 3)
