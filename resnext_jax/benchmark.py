@@ -11,7 +11,17 @@ this runs from an installed resnext_jax too), or the path of a config file of on
 Both processes run with the host-memory setting main.py uses (`--host-malloc retain`, see cpu/host_memory.py:
 freed memory is reused rather than faulted in anew every step), or both with glibc's defaults (`system`).
 
-The last line printed is one JSON object (model, mode, batch_size, images_per_sec, backend, impl, ...).
+The last line printed is one JSON object (model, mode, batch_size, images_per_sec, compile_seconds, backend,
+impl, ...). Compilation is timed on its own (`compile_seconds`, ahead of time, with the persistent compilation
+cache of the recipe's `compilation_cache_dir`: a second run reports a cache hit and a short compile).
+
+`--data` times the training loop end to end instead (resnext_jax/input_benchmark.py): the project's input pipeline
+over real JPEG files (ImageNet-like ones generated once, or `--dataset imagenet2012 --data-dir ...`) feeding this
+train step, with input-only, step-only and loop images/s and their ratio: whether the machine is input-bound.
+
+    python -m resnext_jax.benchmark --data --model resnext50_32x4d --batch-size 256 --dtype bfloat16
+
+Neither this module nor the synthetic mode imports TensorFlow; `--data` does, to build the tf.data pipeline.
 `--compare-torch` then times torchvision's model of the same name the same way in a child process of the same
 run (channels_last, same batch; SGD step for train, inference_mode for eval; CUDA AMP when --dtype bfloat16 on
 a GPU) and adds `torch_images_per_sec` and `ratio_vs_torch`. The child never imports TensorFlow (torch and
@@ -30,6 +40,8 @@ import time
 import jax
 import numpy as np
 
+from resnext_jax import compilation_cache
+from resnext_jax import input_benchmark
 from resnext_jax import models
 from resnext_jax import summary
 from resnext_jax.cpu import host_memory
@@ -53,6 +65,9 @@ def parse_args(argv=None):
   p.add_argument("--config", default="imagenet_resnext50",
                  help="training recipe the timed step uses: a name in resnext_jax/configs, or a config file's path")
   p.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)  # the --compare-torch child
+  p.add_argument("--data", action="store_true",
+                 help="end to end: the input pipeline over JPEG files feeding the train step (input_benchmark.py)")
+  input_benchmark.add_arguments(p)
   return p.parse_args(argv)
 
 
@@ -89,10 +104,12 @@ def time_steps(run, state, steps):
 
 
 def benchmark_jax(args):
-  """images/s of train.compile_train_step or evaluate.compile_eval_step, as the training job builds them."""
-  from resnext_jax import evaluate, optim, runtime, train  # they import TensorFlow, which the torch child must not
+  """(images/s, compile seconds) of train.compile_train_step or evaluate.compile_eval_step, as the training job
+  builds them."""
+  from resnext_jax import evaluate, optim, runtime, train  # pylint: disable=g-import-not-at-top (JAX; no torch)
 
   config = load_config(args.config, args)
+  compilation_cache.enable_from_config(config)
   mesh = runtime.make_mesh()
   runtime.check_batch_size("--batch-size", args.batch_size, mesh)
   model = models.from_config(config, models.create_model(args.model).num_classes)
@@ -106,13 +123,17 @@ def benchmark_jax(args):
   state, state_sharding = train.create_train_state(config, model, tx, mesh, image_shape)
   if args.mode == "train":
     step = train.compile_train_step(config, model, tx, schedule, mesh, state_sharding)
-    run = lambda s: step(s, batch)
   else:
     step = evaluate.compile_eval_step(model, mesh)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    run = lambda v: (v, step(v, batch))
-    state = variables
-  return args.batch_size / time_steps(run, state, args.steps)
+    state = {"params": state.params, "batch_stats": state.batch_stats}
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_seconds = time.perf_counter() - start
+  if args.mode == "train":
+    run = lambda s: compiled(s, batch)
+  else:
+    run = lambda v: (v, compiled(v, batch))
+  return args.batch_size / time_steps(run, state, args.steps), compile_seconds
 
 
 def benchmark_torch(args):
@@ -176,7 +197,19 @@ def main(argv=None):
   result = dict(model=args.model, mode=args.mode, batch_size=args.batch_size, image_size=args.image_size,
                 dtype=args.dtype, impl=args.impl, host_malloc=args.host_malloc, backend=jax.default_backend(),
                 device=jax.devices()[0].device_kind, steps=args.steps, config=args.config)
-  result["images_per_sec"] = round(benchmark_jax(args), 3)
+  if args.data:
+    config, stats = input_benchmark.data_config(load_config(args.config, args), args)
+    compilation_cache.enable_from_config(config)
+    result.update(data=stats, pre_resize=args.pre_resize, antialias=args.antialias,
+                  decode_on_device=args.decode_on_device, legacy_transforms=args.legacy_transforms)
+    result.update(input_benchmark.run(config, args, steps=args.steps))
+    result["compilation_cache_hits"] = compilation_cache.counts()["hits"]
+    print(json.dumps(result))
+    return result
+  images_per_sec, compile_seconds = benchmark_jax(args)
+  result["images_per_sec"] = round(images_per_sec, 3)
+  result["compile_seconds"] = round(compile_seconds, 2)
+  result["compilation_cache_hits"] = compilation_cache.counts()["hits"]
   # From the model's exact multiply-adds at this size (summary.py): 2 FLOPs each, x3 for a train step.
   flops = summary.flops_per_image(models.create_model(args.model), args.image_size, args.mode)
   result["achieved_tflops"] = float(f"{result['images_per_sec'] * flops / 1e12:.4g}")

@@ -26,7 +26,7 @@ def default_dir() -> str:
 
 def enable(directory: str | None = "", *, min_compile_secs: float = 0.5) -> str | None:
   """Turns the persistent cache on in `directory` ("" or None: default_dir(); "none": off); returns the directory
-  in use, or None when off. Call before the first compilation you want cached."""
+  in use, or None when off. Compilations after the call are cached."""
   _listen()
   if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return os.environ["JAX_COMPILATION_CACHE_DIR"]  # the environment's choice wins (e.g. the tests' shared cache)
@@ -41,6 +41,10 @@ def enable(directory: str | None = "", *, min_compile_secs: float = 0.5) -> str 
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # any size, and no filesystem override
+  # JAX decides whether to use the cache at its first compilation; if one already ran (without a cache
+  # directory), make it decide again at the next one.
+  from jax.experimental.compilation_cache import compilation_cache as jax_cache  # pylint: disable=g-import-not-at-top
+  jax_cache.reset_cache()
   return directory
 
 

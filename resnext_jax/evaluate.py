@@ -14,7 +14,6 @@ import os
 from typing import Any
 
 from absl import logging
-from clu import metric_writers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,8 +92,11 @@ def result_line(step: int, result: dict) -> str:
 
 def evaluate(config, workdir, *, mesh=None) -> dict[str, Any]:
   """--mode=eval: the latest (or config.eval_checkpoint_step) checkpoint on the full eval split, once."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top (it imports TensorFlow; the step does not)
+  from resnext_jax import compilation_cache  # pylint: disable=g-import-not-at-top
   mesh = mesh if mesh is not None else runtime.make_mesh()
   runtime.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
+  compilation_cache.enable_from_config(config)
   info = input_pipeline.get_dataset_info(config)
   step = config.eval_checkpoint_step if config.eval_checkpoint_step >= 0 else None
   model, variables, step, meta = checkpoint.load_variables(config, workdir, mesh, info.image_shape, step)

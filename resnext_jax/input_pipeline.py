@@ -168,6 +168,8 @@ def _device_decoded_batches(local_batches: Iterable[dict], mesh, global_batch_si
   size = config.image_size
 
   def to_global(x):
+    if jax.process_count() == 1:  # device to device, never through the host
+      return jax.device_put(x, sharding)
     return jax.make_array_from_process_local_data(sharding, x, (global_batch_size, *x.shape[1:]))
 
   queue = collections.deque()

@@ -16,8 +16,6 @@ import time
 from typing import Any
 
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 import flax
 from flax import traverse_util
 import jax
@@ -27,6 +25,7 @@ import numpy as np
 import optax
 
 from resnext_jax import checkpoint
+from resnext_jax import compilation_cache
 from resnext_jax import cpu
 from resnext_jax import evaluate
 from resnext_jax import input_pipeline
@@ -283,6 +282,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict | None:
   """
   mesh = mesh if mesh is not None else runtime.make_mesh()
   check_config(config, mesh)
+  compilation_cache.enable_from_config(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   info = input_pipeline.get_dataset_info(config)
@@ -298,6 +298,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict | None:
 
   manager = checkpoint.create_manager(ckpt_dir, max_to_keep=config.keep_checkpoints,
                                       async_save=config.async_checkpointing)
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top (it imports TensorFlow; the step does not)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   meta = training_meta(config, info)
   try:
@@ -310,6 +311,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict | None:
 
 
 def _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, manager, ckpt_dir, writer, meta):
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top (imports TensorFlow)
   step = int(runtime.to_host(state.step))
   p_train_step = compile_train_step(config, model, tx, schedule, mesh, state_sharding)
   p_eval_step = evaluate.compile_eval_step(model, mesh)

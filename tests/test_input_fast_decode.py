@@ -1,12 +1,11 @@
 """The fast input path: DCT-scaled window decoding, uint8 pixels normalised on the device, the device-side crop
-and resize against the host's, pre-resized storage, the legacy transforms, and TensorFlow kept out of the JAX-only
-modules."""
+and resize against the host's, pre-resized storage, the legacy transforms, the ImageNet-like JPEGs and the
+pipeline benchmark. (TensorFlow kept out of the step, the compilation cache and the end-to-end benchmark:
+test_input_end_to_end.py.)"""
 
 import json
 import os
-import subprocess
 import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -178,38 +177,6 @@ def test_device_normalisation_matches_host_formula():
   np.testing.assert_allclose(on_host, expected, atol=1e-5)
 
 
-_NO_TENSORFLOW = textwrap.dedent("""
-    import importlib.abc, sys
-    class Block(importlib.abc.MetaPathFinder):
-      def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
-          raise ImportError("blocked: " + name)
-    sys.meta_path.insert(0, Block())
-    import jax, numpy as np
-    from jax.sharding import Mesh
-    from resnext_jax import input_pipeline
-    from resnext_jax.datasets import device_augment, gpu_decode, normalization
-    from resnext_jax.configs import default
-    config = default.get_config()
-    config.update(dataset="synthetic", image_size=8, batch_size=4, eval_batch_size=4, synthetic_num_examples=6,
-                  synthetic_num_classes=3)
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    batch = next(input_pipeline.create_train_iterator(config, mesh))
-    evals = list(input_pipeline.create_eval_iterator(config, mesh))
-    out = device_augment.crop_resize_flip(np.zeros((1, 8, 8, 3), np.uint8), np.array([[0, 0, 8, 8]]),
-                                          np.array([False]), size=4)
-    print("OK", batch["image"].shape, len(evals), out.shape, "tensorflow" in sys.modules)
-""")
-
-
-def test_jax_side_imports_without_tensorflow():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  result = subprocess.run([sys.executable, "-c", _NO_TENSORFLOW], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=240)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "OK (4, 8, 8, 3) 2 (1, 4, 4, 3) False" in result.stdout
-
-
 def test_synthetic_jpegs_look_like_imagenet():
   rng = np.random.default_rng(0)
   sizes = np.array([synthetic_jpegs.imagenet_size(rng) for _ in range(2000)])
@@ -231,29 +198,3 @@ def test_input_pipeline_benchmark_smoke(tmp_path):
     assert key in result
   assert result["jpegs"]["num_files"] == 8
 
-
-_CACHE = textwrap.dedent("""
-    import sys, time
-    import jax, jax.numpy as jnp
-    from resnext_jax import compilation_cache
-    directory = compilation_cache.enable(sys.argv[1], min_compile_secs=0)
-    f = jax.jit(lambda x: jnp.tanh(jnp.sin(x) @ x.T + 1).sum(axis=0))
-    start = time.perf_counter()
-    f.lower(jnp.ones((64, 64))).compile()
-    counts = compilation_cache.counts()
-    print("CACHE", counts["hits"], counts["misses"], round(time.perf_counter() - start, 3), directory)
-""")
-
-
-def test_compilation_cache_serves_a_second_process(tmp_path):
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  runs = []
-  for _ in range(2):
-    result = subprocess.run([sys.executable, "-c", _CACHE, str(tmp_path / "xla")], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs.append(next(line.split()[1:] for line in result.stdout.splitlines() if line.startswith("CACHE")))
-  (hits1, misses1, _, dir1), (hits2, _, _, dir2) = runs
-  assert dir1 == dir2 == str(tmp_path / "xla") and os.listdir(dir1)
-  assert int(hits1) == 0 and int(misses1) >= 1 and int(hits2) >= 1

@@ -34,6 +34,11 @@ def get_config():
   c.cache = False
   c.prefetch = 2
   c.strict_decode = False         # imagefolder: raise on an undecodable file instead of skipping it
+  c.antialias = False             # resize with PIL's / torchvision's antialiased filter (slower; see docs)
+  c.pre_resize = 0                # > 0: read a stored copy with shorter sides <= this (imagenet2012, imagefolder)
+  c.pre_resize_quality = 90       # JPEG quality of that copy
+  c.input_transform = "fast"      # fast | legacy (the previous transforms, for comparisons)
+  c.decode_on_device = False      # decode JPEGs on the GPU (nvImageCodec; not yet run on a GPU)
   c.synthetic_num_classes = 1000  # synthetic mode only
   c.synthetic_num_examples = 50_000
 
@@ -75,4 +80,6 @@ def get_config():
   c.profile_first_step = 10
   c.profile_num_steps = 5
   c.top_k = 5                     # predict: classes printed per file
+  c.compilation_cache_dir = ""    # persistent XLA cache: "" = ~/.cache/resnext_jax/xla, "none" = off
+  c.compilation_cache_min_compile_secs = 0.5  # cache programs that took at least this long to compile
   return c
