@@ -9,6 +9,12 @@ Restoring takes abstract targets (shapes, dtypes, shardings), so a checkpoint wr
 restores onto any other. Orbax writes each step to a temporary directory and renames it when complete, so
 an interrupted save never damages an earlier, good checkpoint. `load_variables` rebuilds the model a
 checkpoint's meta names and restores its weights: what eval, predict, export and fine-tuning start from.
+
+Keep-best (issue 15): with config.keep_best_checkpoints = k > 0 training also keeps, in WORKDIR/checkpoints_best, the
+k checkpoints with the highest eval metric (config.best_checkpoint_metric, default top-1), each saved right after
+its eval with the eval results as its Orbax metrics (Orbax's best_fn / best_mode='max'). They hold the 'model'
+and 'meta' items only (no optimizer state: resumption reads WORKDIR/checkpoints, as before) and are written
+the same atomic way. `load_variables(..., best=True)` reads the best of them.
 """
 
 import os
@@ -57,6 +63,61 @@ def save(manager, step, *, model, meta, train=None, force=True):
   if train is not None:
     items["train"] = ocp.args.StandardSave(train)
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+# --- Keep-best checkpoints (beside the latest ones). ---
+
+BEST_CHECKPOINT_SUBDIR = "checkpoints_best"
+
+
+def best_checkpoint_directory(workdir) -> str:
+  """WORKDIR/checkpoints_best: the checkpoints kept for their eval metric."""
+  return os.path.join(os.path.abspath(workdir), BEST_CHECKPOINT_SUBDIR)
+
+
+def _metric_fn(metric: str):
+  def get(metrics) -> float:
+    if metric not in metrics:
+      raise CheckpointError(f"best checkpoints are ranked by {metric!r}, but a checkpoint's metrics only have "
+                            f"{sorted(metrics)}")
+    return float(metrics[metric])
+  return get
+
+
+def create_best_manager(directory, *, max_to_keep, metric="top1", async_save=True, read_only=False):
+  """A CheckpointManager keeping the `max_to_keep` checkpoints with the highest `metric` (Orbax's best_fn,
+  best_mode='max'; checkpoints without metrics are not kept). None keeps them all (read-only use)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, best_fn=_metric_fn(metric), best_mode="max",
+                                         keep_checkpoints_without_metrics=False,
+                                         enable_async_checkpointing=async_save, create=not read_only,
+                                         read_only=read_only, save_interval_steps=0 if read_only else 1)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+
+
+def save_best(manager, step, *, model, meta, metrics) -> bool:
+  """Offers one evaluated step to a best manager (every process must call this): saved with its metrics, then
+  Orbax deletes whatever falls out of the best max_to_keep. A step already there (a resumed run evaluating a
+  step again) is left as it is. Returns whether a save started."""
+  if step in manager.all_steps():
+    return False
+  scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+  return manager.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(model),
+                                                    meta=ocp.args.JsonSave(meta)),
+                      metrics=scalars, force=True)
+
+
+def best_step(directory, metric="top1"):
+  """(best step, its metrics) among the checkpoints in a keep-best directory; CheckpointError when none."""
+  if not has_checkpoint(directory):
+    raise CheckpointError(f"no best checkpoint in {directory} (train with config.keep_best_checkpoints > 0)")
+  manager = create_best_manager(directory, max_to_keep=None, metric=metric, async_save=False, read_only=True)
+  try:
+    step = manager.best_step()
+    if step is None:
+      raise CheckpointError(f"no best checkpoint in {directory}")
+    return step, manager.metrics(step)
+  finally:
+    manager.close()
 
 
 def checkpoint_directory(workdir) -> str:
@@ -141,10 +202,17 @@ def inference_checkpoint(config, workdir) -> str:
   return checkpoint_directory(config.init_checkpoint)
 
 
-def load_variables(config, workdir, mesh, image_shape, step=None):
+def load_variables(config, workdir, mesh, image_shape, step=None, *, best=False, best_metric="top1"):
   """restore_variables for `config`: the workdir's checkpoint (else config.init_checkpoint), config's conv impl
-  and precision."""
-  return restore_variables(inference_checkpoint(config, workdir), mesh, image_shape, step=step,
+  and precision. best=True: the best of WORKDIR/checkpoints_best by `best_metric` (or `step` among them)."""
+  if best:
+    directory = best_checkpoint_directory(workdir)
+    if step is None or step < 0:
+      step, metrics = best_step(directory, best_metric)
+      logging.info("Best checkpoint by %s: step %d (%s).", best_metric, step, metrics)
+  else:
+    directory = inference_checkpoint(config, workdir)
+  return restore_variables(directory, mesh, image_shape, step=step,
                            conv_impl=config.conv_impl, half_precision=config.half_precision,
                            frozen_stages=config.get("frozen_stages", 0))
 

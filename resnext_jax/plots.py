@@ -4,6 +4,8 @@
 
 Panels: loss (train and eval), top-1 accuracy, learning rate. A resumed run repeats the steps between its
 last checkpoint and the interruption; for each step the value written last wins, as TensorBoard shows it.
+
+`plot_confusion` draws an eval's confusion matrix and per-class accuracy (evaluate.write_confusion calls it).
 """
 
 import argparse
@@ -56,6 +58,61 @@ def plot(series, output, title=""):
     fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(output, dpi=110)
+  plt.close(fig)
+
+
+def plot_confusion(matrix, class_names, output, title=""):
+  """A confusion matrix (rows: true class, columns: predicted; each row divided by its count, so the diagonal is
+  the per-class accuracy) beside the per-class accuracy, into one PNG. Up to 30 classes the cells carry their
+  counts and the axes the class names; with more, the matrix is an image (1000 x 1000 for ImageNet) and the
+  accuracies are drawn sorted, worst first, with the five worst classes named."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  matrix = np.asarray(matrix, np.int64)
+  n = len(matrix)
+  names = [str(s) for s in class_names] if class_names is not None and len(class_names) == n else [
+      str(i) for i in range(n)]
+  counts = matrix.sum(axis=1)
+  rates = matrix / np.maximum(counts, 1)[:, None]
+  accuracy = np.where(counts > 0, np.diag(matrix) / np.maximum(counts, 1), np.nan)
+  small = n <= 30
+  fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 6) if small else (14, 6.5),
+                               gridspec_kw={"width_ratios": (1.1, 1)})
+  image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+  fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+  ax.set_xlabel("predicted class")
+  ax.set_ylabel("true class")
+  ax.set_title("confusion matrix (row-normalised)")
+  if small:
+    ax.set_xticks(range(n), names, rotation=90 if max(map(len, names)) > 3 else 0, fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
+    for i in range(n):
+      for j in range(n):
+        if matrix[i, j]:
+          ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                  color="white" if rates[i, j] > 0.5 else "black")
+    bx.barh(range(n), np.nan_to_num(accuracy), color="tab:blue")
+    bx.set_yticks(range(n), names, fontsize=8)
+    bx.invert_yaxis()
+    bx.set_xlim(0, 1)
+    bx.set_xlabel("accuracy")
+  else:
+    order = np.argsort(np.nan_to_num(accuracy, nan=2.0), kind="stable")
+    bx.plot(np.arange(n), accuracy[order], color="tab:blue")
+    bx.set_ylim(0, 1.02)
+    bx.set_xlabel("classes, sorted by accuracy")
+    bx.set_ylabel("accuracy")
+    worst = ", ".join(f"{names[i]} {accuracy[i]:.2f}" for i in order[:5] if not np.isnan(accuracy[i]))
+    bx.text(0.02, 0.02, f"worst: {worst}", transform=bx.transAxes, fontsize=8, va="bottom")
+  bx.set_title("per-class accuracy")
+  bx.grid(alpha=0.3)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(output, dpi=100)
   plt.close(fig)
 
 

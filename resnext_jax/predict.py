@@ -2,6 +2,8 @@
 
 Prints one JSON line per file, in the order given: {"file", "top_k": [{"label", "name", "prob"}, ...]}, or
 {"file", "error"} for a file that is missing or not an image; the others are still predicted.
+Images are preprocessed as eval does them, at config.eval_image_size when set; config.eval_checkpoint='best' takes
+the best kept checkpoint (WORKDIR/checkpoints_best).
 """
 
 import functools
@@ -15,6 +17,7 @@ import numpy as np
 
 from resnext_jax import checkpoint
 from resnext_jax import cpu
+from resnext_jax import evaluate
 from resnext_jax import input_pipeline
 from resnext_jax import runtime
 from resnext_jax.errors import DataError
@@ -69,9 +72,11 @@ def predict(config, workdir, files, *, mesh=None) -> int:
   mesh = mesh if mesh is not None else runtime.make_mesh()
   image_shape = (config.image_size, config.image_size, 3)
   step = config.eval_checkpoint_step if config.eval_checkpoint_step >= 0 else None
-  model, variables, step, meta = checkpoint.load_variables(config, workdir, mesh, image_shape, step)
+  model, variables, step, meta = checkpoint.load_variables(
+      config, workdir, mesh, image_shape, step, best=config.get("eval_checkpoint", "latest") == "best",
+      best_metric=config.get("best_checkpoint_metric", "top1"))
   names = class_names(meta, config)
-  images, errors = _load_images(files, config)
+  images, errors = _load_images(files, evaluate.eval_config(config))  # at config.eval_image_size when set
   probs = _probabilities(model, {k: variables[k] for k in ("params", "batch_stats")},
                          [im for im in images if im is not None], config, mesh)
   k = min(config.top_k, int(meta["num_classes"]))

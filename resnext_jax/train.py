@@ -282,6 +282,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict | None:
   """
   mesh = mesh if mesh is not None else runtime.make_mesh()
   check_config(config, mesh)
+  evaluate.check_eval_config(config)
   compilation_cache.enable_from_config(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -298,23 +299,31 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict | None:
 
   manager = checkpoint.create_manager(ckpt_dir, max_to_keep=config.keep_checkpoints,
                                       async_save=config.async_checkpointing)
+  best_manager = None  # keep-best (issue 15): the best evals' weights, beside the latest checkpoints
+  if config.get("keep_best_checkpoints", 0) > 0:
+    best_manager = checkpoint.create_best_manager(
+        checkpoint.best_checkpoint_directory(workdir), max_to_keep=config.keep_best_checkpoints,
+        metric=config.best_checkpoint_metric, async_save=config.async_checkpointing)
   from clu import metric_writers  # pylint: disable=g-import-not-at-top (it imports TensorFlow; the step does not)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   meta = training_meta(config, info)
   try:
     return _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, manager, ckpt_dir, writer,
-                 meta)
+                 meta, best_manager)
   finally:
-    manager.wait_until_finished()  # an async save in flight is a good checkpoint: let it land
-    manager.close()
+    for m in (manager, best_manager):
+      if m is not None:
+        m.wait_until_finished()  # an async save in flight is a good checkpoint: let it land
+        m.close()
     writer.close()
 
 
-def _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, manager, ckpt_dir, writer, meta):
+def _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, manager, ckpt_dir, writer, meta,
+          best_manager=None):
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top (imports TensorFlow)
   step = int(runtime.to_host(state.step))
   p_train_step = compile_train_step(config, model, tx, schedule, mesh, state_sharding)
-  p_eval_step = evaluate.compile_eval_step(model, mesh)
+  p_eval_step = evaluate.compile_eval_step(model, mesh, flip_tta=config.get("eval_flip_tta", False))
   report = periodic_actions.ReportProgress(num_train_steps=d.num_train_steps, writer=writer,
                                            every_steps=config.log_every_steps, every_secs=None)
   hooks = [report]
@@ -327,11 +336,18 @@ def _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, 
   def save():
     checkpoint.save(manager, step, model=state.model_item(), train=state.train_item(), meta=meta)
 
-  def run_eval():
+  def run_eval(final=False):
     nonlocal result, last_eval_step
+    # The final eval also writes the confusion matrices (evaluate.py says why only that one).
+    confusions = {} if final and config.get("eval_confusion_matrix", True) else None
     with report.timed("eval"):
-      result = evaluate.evaluate_all(p_eval_step, _eval_variables(state), config, mesh)
+      result = evaluate.evaluate_all(p_eval_step, _eval_variables(state), config, mesh, confusions=confusions,
+                                     num_classes=meta["num_classes"])
     evaluate.write_eval_metrics(writer, step, result)
+    if best_manager is not None:  # saved with the eval's metrics; Orbax keeps the best
+      checkpoint.save_best(best_manager, step, model=state.model_item(), meta=meta, metrics=result)
+    if confusions:
+      evaluate.write_confusion(workdir, confusions, meta["class_names"], step=step, **evaluate.report_info(config))
     last_eval_step = step
 
   train_iter = input_pipeline.create_train_iterator(config, mesh, start_step=step)
@@ -359,7 +375,7 @@ def _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, 
           writer.write_scalars(step, summary)
           t0, t0_step = time.monotonic(), step
         if eval_now:
-          run_eval()
+          run_eval(final=step == d.num_train_steps)
         if save_now:
           save()
         if preempted:
@@ -378,7 +394,7 @@ def _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, 
     logging.info("Stopped at step %d of %d (config.stop_after_steps).", step, d.num_train_steps)
     return None
   if last_eval_step != step:  # resumed at the end, or the final eval already ran in the loop
-    run_eval()
+    run_eval(final=True)
   print(evaluate.result_line(step, result), flush=True)
   return {"step": step, **result}
 

@@ -80,6 +80,13 @@ def get_config():
   c.profile_first_step = 10
   c.profile_num_steps = 5
   c.top_k = 5                     # predict: classes printed per file
+  # Evaluation tools (issue 15).
+  c.eval_image_size = 0           # eval/predict resolution (FixRes); 0 = image_size. Resize to it / crop_ratio, crop
+  c.eval_flip_tta = False         # eval: average the logits of each image and its horizontal flip
+  c.eval_confusion_matrix = True  # eval mode and the final eval: [ema_]confusion_matrix.json/.png, per-class accuracy
+  c.keep_best_checkpoints = 0     # > 0: also keep the k best evals' weights in WORKDIR/checkpoints_best
+  c.best_checkpoint_metric = "top1"  # ranks them (highest wins): top1 | top5 | ema_top1 | ema_top5
+  c.eval_checkpoint = "latest"    # eval/predict: 'latest' (WORKDIR/checkpoints) or 'best' (checkpoints_best)
   c.compilation_cache_dir = ""    # persistent XLA cache: "" = ~/.cache/resnext_jax/xla, "none" = off
   c.compilation_cache_min_compile_secs = 0.5  # cache programs that took at least this long to compile
   return c
