@@ -27,6 +27,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
-        "torch": ["torch>=2.4,<=2.14.1", "torchvision>=0.19,<=0.29.1"],
+        # torch, torchvision, timm: .pth files, the benchmark's comparison, and the tests that compare the
+        # augmentations with torchvision's and timm's (tests/test_augment.py).
+        "torch": ["torch>=2.4,<=2.14.1", "torchvision>=0.19,<=0.29.1", "timm>=1.0,<=1.0.31"],
     },
 )

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnext_jax import runtime
+from resnext_jax.datasets import augment
 from resnext_jax.datasets import normalization
 from resnext_jax.errors import DataError
 
@@ -69,18 +70,22 @@ def get_dataset_info(config) -> DatasetInfo:
 def create_train_iterator(config, mesh, *, start_step: int = 0) -> Iterator[dict]:
   """Endless {'image': f32 (B, H, W, 3), 'label': i32 (B,)} global batches; step k is the same from any start."""
   runtime.check_batch_size("batch_size", config.batch_size, mesh)
+  augment.check_config(config)  # bad augmentation settings fail early, before any data is prepared
   if config.dataset == "synthetic":
     return _synthetic_batches(config, mesh, config.batch_size, num_batches=None)
   on_device = _decode_on_device(config)  # fails early, before any data is prepared
+  erasing = augment.erasing(config)
   tf_side = _tf_side()
   source = tf_side.sources.get_source(config)
   ds = tf_side.train_dataset(source, config, start_step=start_step, process_index=jax.process_index(),
-                             process_count=jax.process_count(), encoded=on_device)
+                             process_count=jax.process_count(), encoded=on_device,
+                             local_devices=_local_device_count(mesh))
   if on_device:
     return _device_decoded_batches(ds.as_numpy_iterator(), mesh, config.batch_size, config.prefetch, config,
-                                   (source.mean, source.std))
+                                   (source.mean, source.std), erasing=erasing)
   return _global_batches(ds.as_numpy_iterator(), mesh, config.batch_size, config.prefetch,
-                         normalize=None if tf_side.is_legacy(config) else (source.mean, source.std))
+                         normalize=None if tf_side.is_legacy(config) else (source.mean, source.std),
+                         erasing=erasing)
 
 
 def create_eval_iterator(config, mesh) -> Iterator[dict]:
@@ -117,11 +122,13 @@ def preprocess_eval_image(encoded_bytes: bytes, config) -> np.ndarray:
 
 
 def _global_batches(local_batches: Iterable[dict], mesh, global_batch_size: int, prefetch: int,
-                    normalize=None) -> Iterator[dict]:
+                    normalize=None, erasing=None) -> Iterator[dict]:
   """Assembles process-local numpy batches into global arrays, keeping `prefetch` batches in flight to device.
 
   With normalize=(mean, std), 'image' arrives as uint8 and is normalised on the device (padding, mask False,
   stays all-zero): the host ships a quarter of the bytes and does no float work.
+  With erasing (augment.Erasing; training only), each example's 'erase_key' drives timm's random erasing on the
+  normalised images, on the device (augment.random_erase); the key is not passed on.
   """
   sharding = NamedSharding(mesh, P("data"))
 
@@ -134,6 +141,8 @@ def _global_batches(local_batches: Iterable[dict], mesh, global_batch_size: int,
     batch = jax.tree.map(to_global, batch)  # device transfers are asynchronous
     if constants is not None:
       batch = _normalize_on_device(batch, constants)
+    if erasing is not None:
+      batch = _erase_on_device(batch, erasing)
     queue.append(batch)
     while len(queue) > prefetch:
       yield queue.popleft()
@@ -149,6 +158,18 @@ def _normalize_on_device(batch: dict, constants) -> dict:
   return dict(batch, image=image)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _erase_on_device(batch: dict, erasing) -> dict:
+  batch = dict(batch)
+  key_data = batch.pop("erase_key")
+  return dict(batch, image=augment.random_erase(batch["image"], key_data, erasing))
+
+
+def _local_device_count(mesh) -> int:
+  """This process's devices in the mesh: its local batch is split over them, in contiguous slices."""
+  return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
 def _decode_on_device(config) -> bool:
   """config.decode_on_device: decode JPEGs on the GPU (datasets/gpu_decode.py; not yet run on a GPU)."""
   if not config.get("decode_on_device", False):
@@ -160,9 +181,10 @@ def _decode_on_device(config) -> bool:
 
 
 def _device_decoded_batches(local_batches: Iterable[dict], mesh, global_batch_size: int, prefetch: int, config,
-                            normalize) -> Iterator[dict]:
-  """Host batches of (encoded bytes, box, flip, label[, mask]) -> global batches decoded and augmented on the
-  GPU (gpu_decode, device_augment). Padding (mask False) is not decoded: its image is all-zero."""
+                            normalize, erasing=None) -> Iterator[dict]:
+  """Host batches of (encoded bytes, box, flip, label[, mask][, erase_key]) -> global batches decoded and augmented
+  on the GPU (gpu_decode, device_augment; then random erasing, as _global_batches). Padding (mask False) is not
+  decoded: its image is all-zero."""
   gpu_decode = importlib.import_module("resnext_jax.datasets.gpu_decode")
   sharding = NamedSharding(mesh, P("data"))
   size = config.image_size
@@ -183,6 +205,8 @@ def _device_decoded_batches(local_batches: Iterable[dict], mesh, global_batch_si
                                          size=size, mean=normalize[0], std=normalize[1],
                                          antialias=bool(config.get("antialias", False)))
       images = decoded if len(keep) == n else images.at[keep].set(decoded)
+    if erasing is not None:
+      images = augment.random_erase(images, jnp.asarray(batch["erase_key"]), erasing)
     out = {"image": to_global(images), "label": to_global(batch["label"])}
     if "mask" in batch:
       out["mask"] = to_global(batch["mask"])

@@ -39,6 +39,12 @@ def get_config():
   c.pre_resize_quality = 90       # JPEG quality of that copy
   c.input_transform = "fast"      # fast | legacy (the previous transforms, for comparisons)
   c.decode_on_device = False      # decode JPEGs on the GPU (nvImageCodec; not yet run on a GPU)
+  # Augmentation beyond the paper (issue 15; timm semantics; resnext_jax/datasets/augment.py).
+  c.auto_augment = ""             # "" off | timm RandAugment string, e.g. "rand-m9-mstd0.5-inc1" | "trivial"
+  c.reprob = 0.0                  # random erasing probability (timm RandomErasing, on the device after normalising)
+  c.remode = "pixel"              # erasing fill: pixel (per-pixel N(0,1)) | rand (per box) | const (0)
+  c.recount = 1                   # erasing boxes per image: uniform in 1..recount
+  c.aug_repeats = 1               # repeated augmentation: each image k times per global batch (RepeatAugSampler)
   c.synthetic_num_classes = 1000  # synthetic mode only
   c.synthetic_num_examples = 50_000
 

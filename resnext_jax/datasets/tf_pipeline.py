@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from resnext_jax.datasets import augment
 from resnext_jax.datasets import legacy_transforms
 from resnext_jax.datasets import sources
 from resnext_jax.datasets import transforms
@@ -22,16 +23,33 @@ _SKIP_DECODING = {"image": tfds.decode.SkipDecoding()}  # our transforms decode 
 
 
 def train_dataset(source: sources.Source, config, *, start_step: int, process_index: int,
-                  process_count: int, encoded: bool = False) -> tf.data.Dataset:
+                  process_count: int, encoded: bool = False, local_devices: int = 1) -> tf.data.Dataset:
   """This process's endless stream of local training batches {'image': uint8, 'label': int32}, from global step
   start_step on. encoded=True (decoding on the device): {'encoded': the file's bytes, 'box': int32 (4,), 'flip':
-  bool, 'label'} instead of 'image', with the crop and flip the host path would use, read from the JPEG header."""
+  bool, 'label'} instead of 'image', with the crop and flip the host path would use, read from the JPEG header.
+
+  Augmentation beyond the paper (augment.py, all off by default, and then this graph is what it was):
+  config.auto_augment runs RandAugment / TrivialAugment on the uint8 pixels (tf.numpy_function, the example's
+  seed); config.reprob > 0 adds 'erase_key' (uint32 (2,) per example) for the device's random erasing;
+  config.aug_repeats = k reads local_batch / k examples per step and gives each k copies with their own seeds
+  (so their own crops, flips and auto-augment draws), ordered so that the copies go to different devices among
+  this process's `local_devices` (timm's RepeatAugSampler deals them to ranks the same way). The epoch keeps its
+  steps_per_epoch steps, so it covers 1/k of the data, as timm's sampler's does; copies stay within the process
+  that read the image (each process reads only its part of the split)."""
   local_batch = config.batch_size // process_count
   num_examples = source.builder.info.splits[source.train_split].num_examples
   steps_per_epoch = num_examples // config.batch_size
   if steps_per_epoch == 0:
     raise DataError(f"config.batch_size={config.batch_size} exceeds the {num_examples} examples of "
                     f"{source.builder.name}:{source.train_split}; use a smaller batch size.")
+  augment.check_config(config)
+  repeats = augment.aug_repeats(config)
+  if local_batch % repeats:
+    raise ConfigError(f"config.aug_repeats={repeats} must divide the per-process batch (config.batch_size="
+                      f"{config.batch_size} / {process_count} processes = {local_batch}).")
+  policy = augment.auto_augment_policy(config, mean=source.mean, image_size=config.image_size)
+  erasing = augment.erasing(config)
+  unique_per_step = local_batch // repeats  # = local_batch without repeats
   first_epoch, steps_into_epoch = divmod(start_step, steps_per_epoch)
   # Deterministic file order (no reshuffle): a resumed run must read what the original run read.
   records = source.builder.as_dataset(
@@ -46,17 +64,19 @@ def train_dataset(source: sources.Source, config, *, start_step: int, process_in
     # Equal-length epochs on every process (steps_per_epoch full batches), so steps map to (epoch, offset).
     seed = tf.random.experimental.stateless_fold_in(key, e)
     shuffle_seed = tf.random.stateless_uniform([], seed, minval=None, maxval=None, dtype=tf.int64)
-    ds = records.shuffle(config.shuffle_buffer_size, seed=shuffle_seed).take(steps_per_epoch * local_batch)
+    ds = records.shuffle(config.shuffle_buffer_size, seed=shuffle_seed).take(steps_per_epoch * unique_per_step)
     ds = ds.enumerate().map(lambda i, ex: (tf.random.experimental.stateless_fold_in(seed, i), ex))
-    skip = tf.where(e == first_epoch, tf.constant(steps_into_epoch * local_batch, tf.int64), 0)
-    return ds.skip(skip)  # before decoding: resuming costs reading, not decoding, the skipped examples
+    skip = tf.where(e == first_epoch, tf.constant(steps_into_epoch * unique_per_step, tf.int64), 0)
+    ds = ds.skip(skip)  # before decoding: resuming costs reading, not decoding, the skipped examples
+    return ds if repeats == 1 else ds.map(functools.partial(_repeat, k=repeats)).unbatch()
 
   if is_legacy(config):
     transform = functools.partial(legacy_transforms.train_image, augment=source.augment, size=config.image_size,
                                   crop_ratio=source.eval_crop_ratio, mean=source.mean, std=source.std)
   else:
     transform = functools.partial(transforms.train_pixels, augment=source.augment, size=config.image_size,
-                                  crop_ratio=source.eval_crop_ratio, antialias=antialias(config))
+                                  crop_ratio=source.eval_crop_ratio, antialias=antialias(config),
+                                  auto_augment=policy)
   ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch)
   if encoded:
     if source.augment != "inception":
@@ -64,12 +84,40 @@ def train_dataset(source: sources.Source, config, *, start_step: int, process_in
                         f"not augment={source.augment!r}.")
     def to_boxes(seed, ex):
       box, flip = transforms.train_box(ex["image"], seed)
-      return {"encoded": ex["image"], "box": box, "flip": flip, "label": tf.cast(ex["label"], tf.int32)}
+      out = {"encoded": ex["image"], "box": box, "flip": flip, "label": tf.cast(ex["label"], tf.int32)}
+      if erasing is not None:
+        out["erase_key"] = transforms.erase_key(seed)
+      return out
     ds = ds.map(to_boxes, num_parallel_calls=tf.data.AUTOTUNE)
-    return _finish(ds.batch(local_batch, drop_remainder=True))
-  ds = ds.map(lambda seed, ex: {"image": transform(ex["image"], seed), "label": tf.cast(ex["label"], tf.int32)},
-              num_parallel_calls=tf.data.AUTOTUNE)
-  return _finish(ds.batch(local_batch, drop_remainder=True))
+    return _finish(_spread_repeats(ds.batch(local_batch, drop_remainder=True), repeats, local_batch,
+                                   local_devices))
+
+  def to_example(seed, ex):
+    out = {"image": transform(ex["image"], seed), "label": tf.cast(ex["label"], tf.int32)}
+    if erasing is not None:
+      out["erase_key"] = transforms.erase_key(seed)
+    return out
+
+  ds = ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
+  return _finish(_spread_repeats(ds.batch(local_batch, drop_remainder=True), repeats, local_batch, local_devices))
+
+
+def _repeat(seed, ex, *, k: int):
+  """One example -> k copies (batched, for unbatch), copy j seeded by fold_in(seed, j)."""
+  seeds = tf.stack([tf.random.experimental.stateless_fold_in(seed, j) for j in range(k)])
+  return seeds, tf.nest.map_structure(lambda v: tf.repeat(v[None], k, axis=0), ex)
+
+
+def _spread_repeats(ds: tf.data.Dataset, repeats: int, local_batch: int, local_devices: int) -> tf.data.Dataset:
+  """With repeats, reorders each local batch so that the copies of an image land on different devices
+  (augment.repeat_order); nothing otherwise."""
+  if repeats == 1 or local_devices <= 1:
+    return ds
+  if local_batch % local_devices:
+    raise ConfigError(f"the per-process batch ({local_batch}) must be divisible by the {local_devices} local "
+                      "devices.")
+  order = tf.constant(augment.repeat_order(local_batch, local_devices), tf.int32)
+  return ds.map(lambda batch: tf.nest.map_structure(lambda v: tf.gather(v, order), batch))
 
 
 def eval_dataset(source: sources.Source, config, *, process_index: int, process_count: int,

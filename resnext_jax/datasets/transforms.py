@@ -157,8 +157,11 @@ def normalize(pixels: tf.Tensor, mean, std) -> tf.Tensor:
 
 
 def train_pixels(encoded, seed, *, augment: str, size: int, crop_ratio: float | None,
-                 antialias: bool = False) -> tf.Tensor:
-  """Training transform -> uint8 (size, size, 3); seed is a (2,) int tensor, augment one of AUGMENTATIONS."""
+                 antialias: bool = False, auto_augment=None) -> tf.Tensor:
+  """Training transform -> uint8 (size, size, 3); seed is a (2,) int tensor, augment one of AUGMENTATIONS.
+
+  auto_augment: None, or an `augment.RandAugment` / `augment.TrivialAugment` policy applied last, on the uint8
+  pixels (timm's and torchvision's order: crop, flip, auto-augment), see auto_augment_pixels."""
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
   if augment == "inception":
     window = decode_window(encoded, inception_window(crop_seed), decode_min_size(size, antialias))
@@ -168,15 +171,40 @@ def train_pixels(encoded, seed, *, augment: str, size: int, crop_ratio: float | 
     image = tf.pad(_resize_whole(decode(encoded), size, antialias), [[pad, pad], [pad, pad], [0, 0]])
     image = tf.image.stateless_random_crop(image, (size, size, 3), seed=crop_seed)
   elif augment == "none":
-    return eval_pixels(encoded, size=size, crop_ratio=crop_ratio, antialias=antialias)
+    image = eval_pixels(encoded, size=size, crop_ratio=crop_ratio, antialias=antialias)
+    return image if auto_augment is None else auto_augment_pixels(image, seed, auto_augment)
   else:
     raise ValueError(f"Unknown augmentation {augment!r}; expected one of {AUGMENTATIONS}.")
-  return tf.cond(flip_decision(flip_seed), lambda: tf.reverse(image, [1]), lambda: image)
+  image = tf.cond(flip_decision(flip_seed), lambda: tf.reverse(image, [1]), lambda: image)
+  return image if auto_augment is None else auto_augment_pixels(image, seed, auto_augment)
 
 
 def flip_decision(flip_seed) -> tf.Tensor:
   """Whether to mirror: the draw `tf.image.stateless_random_flip_left_right` makes (uniform < 0.5)."""
   return tf.random.stateless_uniform([], seed=flip_seed, minval=0, maxval=1.0) < 0.5
+
+
+# Seeds of the augmentations beyond the paper (augment.py), folded out of the example's seed so that the crop's and
+# the flip's seeds, and so the output with these options off, stay what they were.
+AUTO_AUGMENT_STREAM = 15
+ERASE_STREAM = 16
+
+
+def auto_augment_pixels(image: tf.Tensor, seed, policy) -> tf.Tensor:
+  """uint8 (H, W, 3) -> uint8: `policy(pixels, seed)` (augment.RandAugment / TrivialAugment, PIL) run on the host
+  through tf.numpy_function, with a seed from the example's own, so the result depends on that seed only."""
+  aug_seed = tf.random.experimental.stateless_fold_in(seed, AUTO_AUGMENT_STREAM)
+  out = tf.numpy_function(policy, [image, aug_seed], tf.uint8, stateful=False, name="auto_augment")
+  out.set_shape(image.shape)
+  return out
+
+
+def erase_key(seed) -> tf.Tensor:
+  """uint32 (2,): the example's random-erasing key (a threefry key's data), from its seed; the device draws the
+  boxes and the noise from it (augment.random_erase)."""
+  erase_seed = tf.random.experimental.stateless_fold_in(seed, ERASE_STREAM)
+  bits = tf.random.stateless_uniform([2], seed=erase_seed, minval=None, maxval=None, dtype=tf.int32)
+  return tf.bitcast(bits, tf.uint32)
 
 
 def train_box(encoded, seed, *, min_size: int | None = None):
