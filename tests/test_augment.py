@@ -627,3 +627,24 @@ def test_repeat_order_deals_copies_to_devices():
   order = augment.repeat_order(12, 4)  # rows per device: 3
   np.testing.assert_array_equal(order, [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11])
   np.testing.assert_array_equal(augment.repeat_order(8, 1), np.arange(8))
+
+
+def test_repeats_and_erasing_keys_on_the_device_decoding_path(tmp_path):
+  """decode_on_device's host side (boxes from the JPEG header): copies share the bytes, not the crop; each
+  example carries its erasing key."""
+  synthetic_jpegs.write_image_folder(str(tmp_path), 32, num_classes=2, splits=("train",))
+  config = _config(str(tmp_path), dataset="imagefolder", eval_split="train", batch_size=8, image_size=32,
+                   shuffle_buffer_size=64, aug_repeats=2, reprob=0.5)
+  source = sources.get_source(config)
+  ds = input_pipeline.train_dataset(source, config, start_step=0, process_index=0, process_count=1, encoded=True,
+                                    local_devices=2)
+  batch = next(iter(tfds.as_numpy(ds)))
+  assert set(batch) == {"encoded", "box", "flip", "label", "erase_key"}
+  assert batch["erase_key"].shape == (8, 2) and batch["erase_key"].dtype == np.uint32
+  # 4 rows per device; the copies of the u-th image (stream positions 2u, 2u + 1) sit at rows u and 4 + u.
+  for row in range(4):
+    assert batch["encoded"][row] == batch["encoded"][row + 4]
+    assert batch["label"][row] == batch["label"][row + 4]
+  assert len({batch["encoded"][r] for r in range(4)}) == 4
+  assert sum(not np.array_equal(batch["box"][r], batch["box"][r + 4]) for r in range(4)) >= 3
+  assert len({tuple(k) for k in batch["erase_key"]}) == 8
