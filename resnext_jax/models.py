@@ -46,6 +46,7 @@ class BranchConv(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_init: Any = HE_FAN_OUT
   impl: str = "auto"
+  backward: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -56,7 +57,7 @@ class BranchConv(nn.Module):
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     conv = functools.partial(conv_general, strides=tuple(self.strides),
                              padding=tuple(map(tuple, self.padding)), groups=1, impl=self.impl,
-                             measure=not self.is_initializing())
+                             measure=not self.is_initializing(), backward=self.backward)
     xs = jnp.split(x, c, axis=-1)
     if self.sum_branches:
       kernels = jnp.split(kernel, c, axis=2)          # rows of the dense 1x1 that read each branch
@@ -135,8 +136,9 @@ class ResNeXt(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, features: bool = False):
     precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    conv = functools.partial(Conv, use_bias=False, impl=self.conv_impl, **precision)
-    branch_conv = functools.partial(BranchConv, impl=self.conv_impl, **precision)
+    # In eval mode no gradient is taken: 'auto' then times each layer's forward alone (layers/conv.py).
+    conv = functools.partial(Conv, use_bias=False, impl=self.conv_impl, backward=train, **precision)
+    branch_conv = functools.partial(BranchConv, impl=self.conv_impl, backward=train, **precision)
     # torchvision's BatchNorm2d: eps 1e-5, PyTorch momentum 0.1 (= Flax 0.9). Flax keeps the statistics in
     # float32 whatever dtype is; under jit over a sharded batch the batch mean is already global (synced BN).
     def norm(stage):
@@ -147,7 +149,7 @@ class ResNeXt(nn.Module):
     def freeze(y, stage):
       return jax.lax.stop_gradient(y) if stage < self.frozen_stages else y
 
-    outputs = {"stem": freeze(self._stem(x, conv, norm(0)), 0)}
+    outputs = {"stem": freeze(self._stem(x, conv, norm(0), backward=train), 0)}
     y = outputs["stem"]
     for i, (num_blocks, planes) in enumerate(zip(self.stage_sizes, self.planes)):
       for j in range(num_blocks):
@@ -168,14 +170,15 @@ class ResNeXt(nn.Module):
     portable conv impl ('xla', 'blockdiag', 'matmul') keeps the whole model in XLA's ops (see export.py)."""
     return "auto" if self.conv_impl in ("auto", "kernel") else "xla"
 
-  def _stem(self, x, conv, norm):
+  def _stem(self, x, conv, norm, backward=True):
     x = x.astype(self.dtype)
     if self.stem == "cifar":
       x = conv(self.stem_width, (3, 3), padding=((1, 1), (1, 1)), name="conv1")(x)
       return norm(name="bn1")(x, relu=True)
     x = conv(self.stem_width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name="conv1")(x)
     x = norm(name="bn1")(x, relu=True)
-    return pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), impl=self._kernel_impl())
+    return pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), impl=self._kernel_impl(),
+                            backward=backward)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -39,17 +39,19 @@ IMPLS = ("auto", "xla", "blockdiag", "matmul", "kernel")
 PORTABLE_IMPLS = ("xla", "blockdiag", "matmul")  # plain XLA on every backend: what an exported artifact may use
 
 
-def conv_general(x, kernel, strides, padding, groups, impl="auto", measure=True):
+def conv_general(x, kernel, strides, padding, groups, impl="auto", measure=True, backward=True):
   """NHWC x HWIO convolution with explicit padding ((top, bottom), (left, right)) and `groups` groups.
 
   With `measure=False`, 'auto' takes the recorded default rather than timing the layer (for initialisation,
-  where any implementation will do).
+  where any implementation will do). `backward=False` (the model in eval mode) makes 'auto' time the forward
+  alone: the fastest forward+backward is often not the fastest forward (the stem: 180 vs 227 ms fwd+bwd for
+  'kernel' vs 'xla', but 113 vs 91 ms forward; batch 32, 2-core AVX2, benchmarks/conv_layers.py).
   """
   if impl not in IMPLS:
     raise ValueError(f"unknown conv impl {impl!r}; choose one of {IMPLS}")
   strides, padding = tuple(strides), tuple(map(tuple, padding))
   if impl == "auto":
-    impl = _auto(x, kernel, strides, padding, groups, measure)
+    impl = _auto(x, kernel, strides, padding, groups, measure, backward=backward)
   return _IMPL_FNS[impl](x, kernel, strides, padding, groups)
 
 
@@ -69,7 +71,7 @@ def _kind(kernel_shape, groups):
   return "grouped" if groups > 1 else "1x1" if tuple(kernel_shape[:2]) == (1, 1) else "dense"
 
 
-def _auto(x, kernel, strides, padding, groups, measure=True, backend=None):
+def _auto(x, kernel, strides, padding, groups, measure=True, backend=None, backward=True):
   """'xla' off the CPU; on the CPU the fastest candidate for this layer, measured (cpu/autotune.py)."""
   if (backend or jax.default_backend()) != "cpu":
     return "xla"
@@ -82,7 +84,7 @@ def _auto(x, kernel, strides, padding, groups, measure=True, backend=None):
   default = _CPU_DEFAULTS[kind] if _CPU_DEFAULTS[kind] in impls else impls[0]
   with contextlib.nullcontext() if measure else cpu.autotune.using_table():
     return cpu.autotune.choose(f"conv {kind} stride{strides[0]} pad{padding[0][0]} groups{groups}", fns,
-                               (x, kernel), default)
+                               (x, kernel), default, backward=backward)
 
 
 def _xla(x, kernel, strides, padding, groups):
@@ -183,6 +185,7 @@ class Conv(nn.Module):
   kernel_init: Callable = HE_FAN_OUT
   bias_init: Callable = nn.initializers.zeros
   impl: str = "auto"
+  backward: bool = True             # False where no gradient is taken (eval): 'auto' times the forward only
 
   @nn.compact
   def __call__(self, x):
@@ -195,7 +198,7 @@ class Conv(nn.Module):
     kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     y = conv_general(x, kernel, self.strides, self.padding, self.feature_group_count, self.impl,
-                     measure=not self.is_initializing())
+                     measure=not self.is_initializing(), backward=self.backward)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(y.dtype)
     return y

@@ -21,8 +21,9 @@ from resnext_jax import cpu
 IMPLS = ("auto", "xla")
 
 
-def max_pool(x, window, strides, padding, impl="auto"):
-  """NHWC max pooling; window/strides (h, w), padding ((top, bottom), (left, right)) of -inf."""
+def max_pool(x, window, strides, padding, impl="auto", backward=True):
+  """NHWC max pooling; window/strides (h, w), padding ((top, bottom), (left, right)) of -inf. `backward=False`
+  (eval): 'auto' times the forward alone."""
   if impl not in IMPLS:
     raise ValueError(f"unknown max-pool impl {impl!r}; choose one of {IMPLS}")
   args = (tuple(window), tuple(strides), tuple(map(tuple, padding)))
@@ -30,7 +31,7 @@ def max_pool(x, window, strides, padding, impl="auto"):
     fast = cpu.max_pool_op(x, *args)
     portable = lambda v: _max_pool(v, *args)
     candidates = {"xla": portable} if fast is None else {"kernel": fast, "xla": portable}
-    if cpu.autotune.choose("max_pool", candidates, (x,), "kernel") == "kernel":
+    if cpu.autotune.choose("max_pool", candidates, (x,), "kernel", backward=backward) == "kernel":
       return fast(x)
   return _max_pool(x, *args)
 
