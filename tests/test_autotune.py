@@ -97,3 +97,20 @@ def test_a_measured_model_computes_what_the_recorded_defaults_compute(measuring)
   for a, b in zip(jax.tree.leaves(measured), jax.tree.leaves(recorded)):
     assert jnp.allclose(a, b, rtol=2e-4, atol=2e-4)
   assert measuring.exists()
+
+
+def test_eval_mode_layers_are_chosen_by_their_forward_alone():
+  """The eval step takes no gradient: its convs and max pool are decided on forward time ('fwd' signatures),
+  the train step's on forward+backward, so each gets its own fastest implementation."""
+  from resnext_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.create_model("resnext11_4x16d", num_classes=10)
+  x = jnp.zeros((2, 32, 32, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  def signatures(train):
+    with autotune.explain() as log:
+      jax.eval_shape(lambda v: model.apply(v, x, train=train, mutable=["batch_stats"]), variables)
+    return [d["signature"] for d in log if d["op"].startswith(("conv", "max_pool"))]
+  eval_sigs, train_sigs = signatures(False), signatures(True)
+  assert eval_sigs and len(eval_sigs) == len(train_sigs)
+  assert all(" fwd " in s for s in eval_sigs), eval_sigs
+  assert all(" fwd+bwd " in s for s in train_sigs), train_sigs
