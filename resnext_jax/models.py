@@ -66,8 +66,20 @@ class BranchConv(nn.Module):
     return jnp.concatenate([conv(xi, ki) for xi, ki in zip(xs, kernels)], axis=-1)
 
 
+def drop_path(x, rate: float, rng):
+  """Stochastic depth (Huang et al. 2016) as timm's `drop_path`: each example's residual branch is zeroed with
+  probability `rate` and the kept ones are scaled by 1 / (1 - rate), so the expectation is unchanged."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return x * (mask.astype(x.dtype) / keep)
+
+
 class Bottleneck(nn.Module):
-  """ResNeXt block (Fig. 3(c)): 1x1 -> grouped 3x3 (stride here) -> 1x1 to 4*planes, BN after each conv."""
+  """ResNeXt block (Fig. 3(c)): 1x1 -> grouped 3x3 (stride here) -> 1x1 to 4*planes, BN after each conv.
+
+  `drop_path_rate` > 0 drops the residual branch per example (stochastic depth), with the 'dropout' RNG stream:
+  relu(drop_path(bn3(y)) + shortcut). The model passes 0 in eval mode, where the block is the plain one.
+  """
   planes: int
   strides: int
   cardinality: int
@@ -77,6 +89,7 @@ class Bottleneck(nn.Module):
   norm: Any
   block_form: str = "grouped"
   zero_init_last_bn: bool = False
+  drop_path_rate: float = 0.0
   expansion: int = 4
 
   @nn.compact
@@ -93,6 +106,10 @@ class Bottleneck(nn.Module):
       residual = self.conv(out_features, (1, 1), strides=s, name="downsample_0")(x)
       residual = self.norm(name="downsample_1")(residual)
     last_bn_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
+    if self.drop_path_rate > 0:
+      y = drop_path(self.norm(name="bn3", scale_init=last_bn_init)(y), self.drop_path_rate, self.make_rng("dropout"))
+      self.sow("intermediates", "drop_path", y)  # recorded only where 'intermediates' is mutable (tests)
+      return jax.nn.relu(y + residual)
     return self.norm(name="bn3", scale_init=last_bn_init)(y, shortcut=residual, relu=True)  # relu(bn3(y) + res)
 
   def _grouped_3x3(self, width, strides):
@@ -118,6 +135,11 @@ class ResNeXt(nn.Module):
   `frozen_stages=k` (fine-tuning) freezes the stem (k >= 1) and layer1..layer{k-1}: their BN layers use the
   running statistics in training too, and no gradient flows into them (nor is their backward computed);
   the optimizer leaves their parameters alone (see `stage_index`).
+
+  `drop_path_rate` (training only, no parameters): stochastic depth on each block's residual branch, the rate
+  linear over the blocks of the whole network as in timm's ResNet (block i of N: drop_path_rate * i / (N - 1),
+  so the first block keeps its branch and the last is dropped at drop_path_rate). It needs the 'dropout' RNG
+  in `apply(..., train=True)`; eval mode and frozen stages do not drop (a rate of 0 is today's model).
   """
   stage_sizes: Sequence[int]
   cardinality: int = 1
@@ -132,6 +154,7 @@ class ResNeXt(nn.Module):
   block_form: str = "grouped"
   zero_init_last_bn: bool = False
   frozen_stages: int = 0
+  drop_path_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x, train: bool = False, features: bool = False):
@@ -151,12 +174,17 @@ class ResNeXt(nn.Module):
 
     outputs = {"stem": freeze(self._stem(x, conv, norm(0), backward=train), 0)}
     y = outputs["stem"]
+    num_blocks_total, block_index = sum(self.stage_sizes), 0
     for i, (num_blocks, planes) in enumerate(zip(self.stage_sizes, self.planes)):
       for j in range(num_blocks):
+        # timm's resnet: drop_path_rate * net_block_idx / (net_num_blocks - 1); none in eval or frozen stages.
+        rate = self.drop_path_rate * block_index / max(1, num_blocks_total - 1)
+        rate = rate if train and i + 1 >= self.frozen_stages else 0.0
+        block_index += 1
         y = Bottleneck(planes=planes, strides=2 if i > 0 and j == 0 else 1, cardinality=self.cardinality,
                        base_width=self.base_width, conv=conv, branch_conv=branch_conv, norm=norm(i + 1),
                        block_form=self.block_form, zero_init_last_bn=self.zero_init_last_bn,
-                       name=f"layer{i + 1}_{j}")(y)
+                       drop_path_rate=rate, name=f"layer{i + 1}_{j}")(y)
       y = outputs[f"layer{i + 1}"] = freeze(y, i + 1)
     if features:
       return outputs
@@ -259,13 +287,16 @@ def create_model(name, *, num_classes=None, dtype=jnp.float32, **overrides):
 
 
 def config_overrides(config) -> dict:
-  """The architecture fields of `config` beyond the registry's: model_overrides, block_form, zero_init_last_bn.
+  """The architecture fields of `config` beyond the registry's: model_overrides, block_form, zero_init_last_bn,
+  and drop_path_rate where it is not 0 (a training-time field: eval and predict run without it anyway).
 
   Training stores them in the checkpoint's meta, so that eval and predict rebuild the same architecture.
   """
   overrides = dict(config.model_overrides.items())
   overrides.setdefault("block_form", config.block_form)
   overrides.setdefault("zero_init_last_bn", config.zero_init_last_bn)
+  if config.get("drop_path_rate", 0.0):
+    overrides.setdefault("drop_path_rate", config.drop_path_rate)
   return overrides
 
 
@@ -306,5 +337,7 @@ def _validate(name, kw):
   if not 0 <= kw.get("frozen_stages", 0) <= len(stages) + 1:
     raise ValueError(f"{name}: frozen_stages must be in 0..{len(stages) + 1} (stem + {len(stages)} stages), "
                      f"got {kw['frozen_stages']}")
+  if not 0 <= kw.get("drop_path_rate", 0.0) < 1:
+    raise ValueError(f"{name}: drop_path_rate must be in [0, 1), got {kw['drop_path_rate']}")
   if kw.get("stem", "imagenet") not in ("imagenet", "cifar"):
     raise ValueError(f"{name}: unknown stem {kw['stem']!r}; choose 'imagenet' or 'cifar'")

@@ -69,6 +69,19 @@ def get_config():
   c.label_smoothing = 0.0
   c.grad_accum_steps = 1          # split each batch into this many micro-batches (same update, less memory)
   c.ema_decay = 0.0               # > 0 keeps and evaluates an EMA of the weights
+  # Regularisation, loss and optimiser beyond the paper (issue 15; timm semantics).
+  c.drop_path_rate = 0.0          # stochastic depth, linear over blocks (block i of N: rate * i / (N - 1))
+  c.mixup_alpha = 0.0             # Mixup/CutMix in the train step (resnext_jax.mixing); both 0 = off
+  c.cutmix_alpha = 0.0
+  c.mix_prob = 1.0                # probability of mixing a batch at all
+  c.mix_switch_prob = 0.5         # CutMix instead of Mixup, when both alphas are > 0
+  c.loss = "softmax_cross_entropy"  # softmax_cross_entropy | bce (label_smoothing and mixing fold into targets)
+  c.bce_target_threshold = 0.0    # bce: targets > threshold become 1, the rest 0 (A1: 0.2); 0 = none
+  c.optimizer = "sgd"             # sgd | adamw | lamb | lars
+  c.adam_b1 = 0.9                 # adamw, lamb
+  c.adam_b2 = 0.999
+  c.adam_eps = 1e-8
+  c.grad_clip_norm = 0.0          # > 0: clip the gradient by its global norm first; 0 = off
 
   # Bookkeeping.
   c.seed = 0
