@@ -1,8 +1,10 @@
-"""Optimiser, learning-rate schedules and the one place where durations in epochs become steps.
+"""Optimisers, losses, learning-rate schedules and the one place where durations in epochs become steps.
 
 The paper trains with SGD (momentum 0.9) and weight decay added to the gradient before momentum (L2 as in
 fb.resnet.torch / PyTorch's `SGD(weight_decay=...)`), on every parameter; `weight_decay_bn_and_bias=False`
-restricts the decay to conv and dense kernels, as later recipes do.
+restricts the decay to conv and dense kernels, as later recipes do, for every optimiser. AdamW, LAMB and LARS
+(optax's, with timm's choices where optax leaves one open) and gradient clipping serve the "ResNet strikes
+back" recipes, as do the soft-target and binary cross-entropy losses (issue 15; see `create_optimizer`).
 """
 
 import dataclasses
@@ -92,23 +94,85 @@ def frozen_labels(params, frozen_stages: int):
           for name, sub in params.items()}
 
 
-def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """L2 weight decay on the gradient, then SGD with (Nesterov) momentum at the scheduled learning rate.
+OPTIMIZERS = ("sgd", "adamw", "lamb", "lars")
+LOSSES = ("softmax_cross_entropy", "bce")
 
-  With config.frozen_stages (fine-tuning), frozen parameters get no update at all: no decay, no momentum.
-  """
+
+def _check_optimizer_config(config):
+  name = config.get("optimizer", "sgd")
+  if name not in OPTIMIZERS:
+    raise ConfigError(f"unknown config.optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
   if config.weight_decay < 0 or not 0 <= config.momentum < 1:
     raise ConfigError(f"need weight_decay >= 0 and 0 <= momentum < 1 (got {config.weight_decay}, "
                       f"{config.momentum})")
-  decay_all = config.weight_decay_bn_and_bias
-  tx = optax.chain(
-      optax.add_decayed_weights(config.weight_decay, mask=lambda p: weight_decay_mask(p, decay_all)),
-      optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov),
-  )
+  for key in ("adam_b1", "adam_b2"):
+    if not 0 <= config.get(key, 0.9) < 1:
+      raise ConfigError(f"config.{key} must be in [0, 1), got {config[key]}")
+  if config.get("adam_eps", 1e-8) < 0:
+    raise ConfigError(f"config.adam_eps must be >= 0, got {config.adam_eps}")
+  if config.get("grad_clip_norm", 0.0) < 0:
+    raise ConfigError(f"config.grad_clip_norm must be >= 0 (0 = off), got {config.grad_clip_norm}")
+  return name
+
+
+def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """config.optimizer at the scheduled learning rate, with weight decay where `weight_decay_mask` says.
+
+  - 'sgd' (the paper's): L2 weight decay added to the gradient, then SGD with (Nesterov) momentum.
+  - 'adamw': optax.adamw (decoupled decay, lr * weight_decay * p, as torch's AdamW), betas adam_b1/adam_b2,
+    eps adam_eps.
+  - 'lamb': optax.lamb (Adam step + weight_decay * p, scaled per tensor by ||p|| / ||step||), betas and eps as
+    adamw. As timm's Lamb (always_adapt=False), the layer adaptation applies only where weight decay does:
+    everywhere with weight_decay_bn_and_bias, not to BN and biases without it, nowhere with weight_decay 0.
+    timm's Lamb also clips the global gradient norm at 1.0 itself: here that is grad_clip_norm=1.0.
+  - 'lars': optax.lars (weight decay, then the trust ratio 0.001 * ||p|| / ||g + wd * p||, then momentum), the
+    adaptation masked as for lamb (timm's Lars, always_adapt=False).
+  grad_clip_norm > 0 clips the gradient by its global norm before any of these (timm's --clip-grad, 'norm').
+  With config.frozen_stages (fine-tuning), frozen parameters get no update at all: no decay, no momentum.
+  """
+  name = _check_optimizer_config(config)
+  decay_all, wd = config.weight_decay_bn_and_bias, config.weight_decay
+  decay_mask = lambda p: weight_decay_mask(p, decay_all)
+  # timm's Lamb and Lars adapt only parameters whose weight decay is not 0 (always_adapt=False).
+  adapt_mask = lambda p: jax.tree.map(lambda m: m and wd > 0, decay_mask(p))
+  b1, b2, eps = config.get("adam_b1", 0.9), config.get("adam_b2", 0.999), config.get("adam_eps", 1e-8)
+  if name == "sgd":
+    tx = optax.chain(
+        optax.add_decayed_weights(wd, mask=decay_mask),
+        optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov),
+    )
+  elif name == "adamw":
+    tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask)
+  elif name == "lamb":
+    if decay_all and wd > 0:  # adapt every parameter: optax's lamb as it is
+      tx = optax.lamb(schedule, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask)
+    else:  # optax.lamb's chain with the trust ratio masked
+      tx = optax.chain(
+          optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+          optax.add_decayed_weights(wd, mask=decay_mask),
+          optax.masked(optax.scale_by_trust_ratio(), adapt_mask),
+          optax.scale_by_learning_rate(schedule),
+      )
+  else:
+    tx = optax.lars(schedule, weight_decay=wd, weight_decay_mask=decay_mask, trust_ratio_mask=adapt_mask,
+                    momentum=config.momentum, nesterov=config.nesterov)
+  if config.get("grad_clip_norm", 0.0) > 0:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   if config.frozen_stages > 0:
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
                                lambda p: frozen_labels(p, config.frozen_stages))
   return tx
+
+
+def check_loss_config(config) -> str:
+  """config.loss, checked (with config.bce_target_threshold, which only the "bce" loss reads)."""
+  loss = config.get("loss", "softmax_cross_entropy")
+  if loss not in LOSSES:
+    raise ConfigError(f"unknown config.loss {loss!r}; choose one of {', '.join(LOSSES)}")
+  if not 0 <= config.get("bce_target_threshold", 0.0) < 1:
+    raise ConfigError(f"config.bce_target_threshold must be in [0, 1) (0 = none), got "
+                      f"{config.bce_target_threshold}")
+  return loss
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
@@ -117,6 +181,21 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
   if label_smoothing > 0:
     targets = optax.smooth_labels(targets, label_smoothing)
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def soft_target_cross_entropy(logits, targets):
+  """timm's SoftTargetCrossEntropy per example: sum(-targets * log_softmax(logits)), in float32."""
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets.astype(jnp.float32))
+
+
+def binary_cross_entropy(logits, targets, target_threshold: float = 0.0):
+  """timm's BinaryCrossEntropy per example (its batch mean is timm's loss, reduction='mean'): the mean over
+  classes of sigmoid cross-entropy against `targets` (soft, e.g. smoothed and mixed), which become
+  (targets > target_threshold) where the threshold is > 0 (timm's target_threshold; 0 = none)."""
+  targets = targets.astype(jnp.float32)
+  if target_threshold > 0:
+    targets = (targets > target_threshold).astype(jnp.float32)
+  return optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets).mean(-1)
 
 
 def ema_update(ema, new, decay: float):

@@ -29,6 +29,7 @@ from resnext_jax import compilation_cache
 from resnext_jax import cpu
 from resnext_jax import evaluate
 from resnext_jax import input_pipeline
+from resnext_jax import mixing
 from resnext_jax import models
 from resnext_jax import optim
 from resnext_jax import runtime
@@ -91,59 +92,102 @@ def create_train_state(config, model, tx, mesh, image_shape, rng=None):
   return jax.jit(init, out_shardings=sharding)(rng), sharding
 
 
-def accumulate_gradients(grad_fn, params, aux, batch, num_micro: int):
+def accumulate_gradients(grad_fn, params, aux, batch, num_micro: int, rng=None):
   """Mean of grad_fn over `num_micro` equal micro-batches (gradient accumulation inside one step).
 
   grad_fn(params, aux, micro) -> ((loss, (aux, correct)), grads); aux (BN statistics) is threaded through the
   micro-batches in order. Micro-batch i takes examples i, i + k, ... so each device keeps its own shard.
+  With `rng` (a key), grad_fn also takes micro-batch i's key, fold_in(rng, i) (rng itself for one micro-batch),
+  so that random layers (drop path) draw anew in each micro-batch.
   Returns (grads, mean loss, aux, accuracy).
   """
   if num_micro == 1:
-    (loss, (aux, correct)), grads = grad_fn(params, aux, batch)
+    (loss, (aux, correct)), grads = grad_fn(params, aux, batch) if rng is None else grad_fn(params, aux, batch, rng)
     return grads, loss, aux, correct.mean()
   micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1),
                        batch)
+  xs = micro if rng is None else (micro, jnp.arange(num_micro))
 
-  def body(carry, mb):
+  def body(carry, x):
     grads_sum, aux, loss_sum, correct_sum = carry
-    (loss, (aux, correct)), grads = grad_fn(params, aux, mb)
+    if rng is None:
+      (loss, (aux, correct)), grads = grad_fn(params, aux, x)
+    else:
+      (loss, (aux, correct)), grads = grad_fn(params, aux, x[0], jax.random.fold_in(rng, x[1]))
     grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
     return (grads_sum, aux, loss_sum + loss, correct_sum + correct.mean()), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  (grads, aux, loss, correct), _ = jax.lax.scan(body, (zeros, aux, 0.0, 0.0), micro)
+  (grads, aux, loss, correct), _ = jax.lax.scan(body, (zeros, aux, 0.0, 0.0), xs)
   return jax.tree.map(lambda g: g / num_micro, grads), loss / num_micro, aux, correct / num_micro
 
 
-def train_step(state: TrainState, batch, *, model, tx, schedule, label_smoothing=0.0, grad_accum_steps=1,
-               ema_decay=0.0, rng_impl="threefry2x32"):
-  """One SGD update on a global batch; returns (new state, replicated scalar metrics)."""
-  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=rng_impl), state.step)
+# A constant folded into the step's key for the Mixup/CutMix draws, apart from the model's 'dropout' stream.
+_MIX_STREAM = 0x6D6978
 
-  def loss_fn(params, batch_stats, micro):
+
+def train_step(state: TrainState, batch, *, model, tx, schedule, label_smoothing=0.0, grad_accum_steps=1,
+               ema_decay=0.0, rng_impl="threefry2x32", mixup=None, loss="softmax_cross_entropy",
+               bce_target_threshold=0.0):
+  """One optimiser update on a global batch; returns (new state, replicated scalar metrics).
+
+  The step's key is fold_in(state.rng, step): the model's 'dropout' stream (drop path) and, folded with
+  _MIX_STREAM, the Mixup/CutMix draws. `mixup` (a mixing.Mixup, or None) mixes the global batch with its reverse
+  before it is split into micro-batches, with label smoothing folded into the soft targets. loss is
+  'softmax_cross_entropy' (on the labels, as the paper; on soft targets where mixed, timm's
+  SoftTargetCrossEntropy) or 'bce' (timm's BinaryCrossEntropy on the smoothed, mixed targets, thresholded at
+  bce_target_threshold > 0). Accuracy is counted against the unmixed labels.
+  Without mixing, drop path or BCE the step is the plain recipe's: nothing is drawn and no target is formed.
+  """
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=rng_impl), state.step)
+  if mixup is not None:
+    images, targets, _ = mixing.mix_batch(jax.random.fold_in(rng, _MIX_STREAM), mixup, batch["image"],
+                                          batch["label"])
+    batch = {**batch, "image": images, "target": targets}
+  elif loss != "softmax_cross_entropy":
+    batch = {**batch, "target": mixing.mixup_target(batch["label"], model.num_classes, 1.0, label_smoothing)}
+
+  def loss_fn(params, batch_stats, micro, rng=rng):
     logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, micro["image"], train=True,
                                   mutable=["batch_stats"], rngs={"dropout": rng})
-    loss = optim.cross_entropy(logits, micro["label"], logits.shape[-1], label_smoothing).mean()
-    return loss, (updates["batch_stats"], jnp.argmax(logits, -1) == micro["label"])
+    if loss == "bce":
+      per_example = optim.binary_cross_entropy(logits, micro["target"], bce_target_threshold)
+    elif "target" in micro:
+      per_example = optim.soft_target_cross_entropy(logits, micro["target"])
+    else:
+      per_example = optim.cross_entropy(logits, micro["label"], logits.shape[-1], label_smoothing)
+    return per_example.mean(), (updates["batch_stats"], jnp.argmax(logits, -1) == micro["label"])
 
-  grads, loss, batch_stats, accuracy = accumulate_gradients(
-      jax.value_and_grad(loss_fn, has_aux=True), state.params, state.batch_stats, batch, grad_accum_steps)
+  # Drop path draws in each micro-batch anew (one micro-batch: the step's key, as the model always had).
+  micro_rng = rng if grad_accum_steps > 1 and getattr(model, "drop_path_rate", 0.0) > 0 else None
+  grads, loss_value, batch_stats, accuracy = accumulate_gradients(
+      jax.value_and_grad(loss_fn, has_aux=True), state.params, state.batch_stats, batch, grad_accum_steps,
+      micro_rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
   if ema_decay > 0:
     new = new.replace(ema_params=optim.ema_update(state.ema_params, params, ema_decay),
                       ema_batch_stats=optim.ema_update(state.ema_batch_stats, batch_stats, ema_decay))
-  metrics = {"loss": loss, "accuracy": accuracy, "learning_rate": schedule(state.step),
+  metrics = {"loss": loss_value, "accuracy": accuracy, "learning_rate": schedule(state.step),
              "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
   return new, metrics
 
 
+def train_step_options(config, model) -> dict:
+  """train_step's keyword arguments from `config` (checked: a bad value is a ConfigError naming its key)."""
+  if config.grad_accum_steps < 1:
+    raise ConfigError(f"config.grad_accum_steps must be >= 1, got {config.grad_accum_steps}")
+  if not 0 <= config.label_smoothing < 1:
+    raise ConfigError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}")
+  return dict(label_smoothing=config.label_smoothing, grad_accum_steps=config.grad_accum_steps,
+              ema_decay=config.ema_decay, rng_impl=config.rng_impl, mixup=mixing.from_config(config, model.num_classes),
+              loss=optim.check_loss_config(config), bce_target_threshold=config.get("bce_target_threshold", 0.0))
+
+
 def compile_train_step(config, model, tx, schedule, mesh, state_sharding):
   """train_step jitted with the state donated, batch sharded on 'data' and metrics replicated."""
-  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                           label_smoothing=config.label_smoothing, grad_accum_steps=config.grad_accum_steps,
-                           ema_decay=config.ema_decay, rng_impl=config.rng_impl)
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, **train_step_options(config, model))
   return jax.jit(step, in_shardings=(state_sharding, runtime.batch_sharded(mesh)),
                  out_shardings=(state_sharding, runtime.replicated(mesh)), donate_argnums=0,
                  compiler_options=cpu.compiler_options())
@@ -273,6 +317,8 @@ def check_config(config, mesh) -> None:
     raise ConfigError("config.checkpoint_every_steps and config.log_every_steps must be positive")
   if not 0 <= config.ema_decay < 1:
     raise ConfigError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
+  mixing.from_config(config, num_classes=1)  # mixup/cutmix keys and loss keys, before any work is done
+  optim.check_loss_config(config)
 
 
 def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict | None:
