@@ -4,7 +4,8 @@ Exact comparisons pin timm's randomness: its per-batch draw (`_params_per_batch`
 (lam, use_cutmix), and numpy's seed fixes the CutMix box centre, which our pure functions then take explicitly.
 The draws themselves (which a JAX key makes) are compared as distributions over many draws with timm's numpy
 ones. timm imports torch, which crashes beside TensorFlow in one process, so timm runs in a child process; those
-tests skip without timm (an optional test dependency: pip install timm) unless RESNEXT_JAX_REQUIRE_TIMM is set.
+tests skip without timm (in the optional torch extra: pip install -e '.[torch]') unless RESNEXT_JAX_REQUIRE_TORCH
+(as CI sets it) or RESNEXT_JAX_REQUIRE_TIMM is set.
 """
 
 import functools
@@ -193,8 +194,9 @@ _TIMM_CHILD = textwrap.dedent("""
 def _require_timm():
   missing = [m for m in ("torch", "timm") if importlib.util.find_spec(m) is None]
   if missing:
-    if os.environ.get("RESNEXT_JAX_REQUIRE_TIMM"):
-      pytest.fail(f"{', '.join(missing)} not installed, and RESNEXT_JAX_REQUIRE_TIMM is set (pip install timm)")
+    if os.environ.get("RESNEXT_JAX_REQUIRE_TIMM") or os.environ.get("RESNEXT_JAX_REQUIRE_TORCH"):
+      pytest.fail(f"{', '.join(missing)} not installed, and RESNEXT_JAX_REQUIRE_TORCH/TIMM is set "
+                  "(pip install -e '.[torch]')")
     pytest.skip(f"{', '.join(missing)} not installed (optional test dependency: pip install timm)")
 
 
