@@ -23,7 +23,8 @@ Changed for 1,498 16x16 digits on a CPU, and why:
 Result: 294 / 299 test images (98.33 %) against the plain recipe's 298 / 299 (99.67 %) in the same run of
 tests/test_recipes.py's slow test, which asserts A3-style >= plain and so fails today: on 1,498 digits a 0.37 M
 parameter model does not gain from this much regularisation in 30 epochs (train accuracy against the unmixed labels
-~70 %); a longer schedule (A3 runs 100 epochs; a 60-epoch run was started) was not run to the end yet.
+~70 %). Twice as long (60 epochs, lr 8e-3; A3 runs 100) ended at 295 / 299 (98.66 %): 97.7, 97.3, 98.3, 97.7,
+98.7, 98.7 % at epochs 10, 20, ..., 60.
 """
 
 from resnext_jax.configs import digits_resnext
