@@ -17,6 +17,7 @@ from resnext_jax import checkpoint
 from resnext_jax import evaluate
 from resnext_jax import input_pipeline
 from resnext_jax import models
+from resnext_jax import runtime
 from resnext_jax import train
 
 NUM_TEST = 299
@@ -71,10 +72,27 @@ def _reference(model, variables, config, data_dir):
           "num_examples": len(labels)}
 
 
+def _padding_rows_score_their_label(model, variables, config):
+  """`variables` with the fc bias of the padded rows' label raised until those rows are top-1 hits, so that hits
+  counted on padded rows (not only padded rows counted as examples) change top-1 and top-5."""
+  config = config.copy_and_resolve_references()
+  config.eval_batch_size = 512  # one batch: 299 examples and 213 padded rows
+  batch = next(iter(input_pipeline.create_eval_iterator(config, runtime.make_mesh())))
+  mask, labels = np.asarray(batch["mask"]), np.asarray(batch["label"])
+  padded, label = np.asarray(batch["image"])[~mask][:1], int(labels[~mask][0])
+  logits = np.asarray(model.apply(variables, jnp.asarray(padded), train=False))[0]
+  variables = jax.tree.map(lambda v: v, variables)  # a copy
+  bias = np.asarray(variables["params"]["fc"]["bias"]).copy()
+  bias[label] += logits.max() - logits[label] + 1.0
+  variables["params"]["fc"]["bias"] = jnp.asarray(bias)
+  assert np.argmax(np.asarray(model.apply(variables, jnp.asarray(padded), train=False))[0]) == label
+  return variables
+
+
 def test_eval_equals_an_independent_computation_for_any_batch_size(tmp_path, digits_dir, capsys):
   """Batches of 7 (42 full + 5 real and 2 padded rows), 64 (21 padded rows), 512 (213 padded rows): the same
-  counts as model.apply and numpy over the 299 test images; padded rows counted, or top-1 and top-5 swapped,
-  would differ."""
+  counts as model.apply and numpy over the 299 test images; padded rows counted as examples or their hits counted
+  (the padded rows are made top-1 hits of their label, see below), or top-1 and top-5 swapped, would differ."""
   overrides = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in tiny_config().model_overrides.items()}
   model = models.create_model("resnext11_4x16d", num_classes=10, **overrides)
   variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, 8, 8, 3)), train=False))(
@@ -83,6 +101,8 @@ def test_eval_equals_an_independent_computation_for_any_batch_size(tmp_path, dig
   variables = jax.tree_util.tree_map_with_path(
       lambda path, v: v * 20 if "fc" in jax.tree_util.keystr(path) else v, variables)
   variables["batch_stats"] = jax.tree.map(lambda v: v + 0.1, variables["batch_stats"])
+  config = tiny_config(dataset="sklearn_digits", data_dir=digits_dir, image_size=8)
+  variables = _padding_rows_score_their_label(model, variables, config)
   ckpt = str(tmp_path / "ckpt")
   manager = checkpoint.create_manager(ckpt, async_save=False)
   checkpoint.save(manager, 0, model=dict(variables),
@@ -90,7 +110,6 @@ def test_eval_equals_an_independent_computation_for_any_batch_size(tmp_path, dig
                             model_overrides={k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}))
   manager.close()
 
-  config = tiny_config(dataset="sklearn_digits", data_dir=digits_dir, image_size=8)
   want = _reference(model, variables, config, digits_dir)
   assert want["num_examples"] == NUM_TEST and want["top1"] < want["top5"] < 1.0, want  # swaps would show
   results = {}
