@@ -16,7 +16,8 @@ Evaluation tools (issue 15):
 - Flip test-time augmentation (config.eval_flip_tta): the logits of the image and of its horizontal mirror are
   averaged, inside the step; the loss, top-1 and top-5 are those of the averaged logits. That is what timm's
   train.py/validate.py do with --tta (`output.unfold(0, k, k).mean(dim=2)` on the model's outputs, i.e. logits).
-- Another resolution (config.eval_image_size, 0 = image_size): `eval_config` gives the eval pipeline a config
+- Another resolution (config.eval_image_size, 0 = image_size): `input_pipeline.eval_config` gives the eval
+  pipeline a config
   whose image_size is the eval size, so every eval transform (resize the shorter side to size / crop_ratio,
   center-crop size; digits and CIFAR: a plain resize to size), the padding and the synthetic batches use it.
   The model is fully convolutional with global pooling, so its weights apply at any size.
@@ -101,33 +102,13 @@ def run_evaluation(p_eval_step, variables, batches, *, confusion: np.ndarray | N
   return {"top1": top1 / count, "top5": top5 / count, "loss": math.fsum(losses) / count, "num_examples": count}
 
 
-def eval_image_size(config) -> int:
-  """config.eval_image_size, or config.image_size when it is 0 (unset)."""
-  size = int(config.get("eval_image_size", 0) or 0)
-  if size < 0:
-    raise ConfigError(f"config.eval_image_size must be >= 0 (0: image_size), got {size}")
-  return size or int(config.image_size)
-
-
-def eval_config(config):
-  """The config the eval input pipeline (and predict's preprocessing) reads: `config` itself, or a copy whose
-  image_size is config.eval_image_size when that is set and differs."""
-  size = eval_image_size(config)
-  if size == config.image_size:
-    return config
-  copy = config.copy_and_resolve_references()
-  with copy.unlocked():
-    copy.image_size = size
-  return copy
-
-
 BEST_METRICS = ("top1", "top5", "ema_top1", "ema_top5")  # higher is better: ranked with best_mode='max'
 EVAL_CHECKPOINTS = ("latest", "best")
 
 
 def check_eval_config(config) -> None:
   """The evaluation tools' settings (issue 15), checked before anything is built."""
-  eval_image_size(config)
+  input_pipeline.eval_image_size(config)
   if config.get("keep_best_checkpoints", 0) < 0:
     raise ConfigError(f"config.keep_best_checkpoints must be >= 0 (0: off), got {config.keep_best_checkpoints}")
   metric = config.get("best_checkpoint_metric", "top1")
@@ -149,7 +130,7 @@ def evaluate_all(p_eval_step, variables, config, mesh, *, confusions: dict | Non
   """
   plain = {k: variables[k] for k in ("params", "batch_stats")}
   weights = [("", plain)] + ([("ema_", variables["ema"])] if variables.get("ema") is not None else [])
-  config_for_eval = eval_config(config)
+  config_for_eval = input_pipeline.eval_config(config)
   result = {}
   for prefix, v in weights:
     matrix = None
@@ -218,7 +199,7 @@ def write_confusion(directory: str, confusions: dict, class_names, *, step: int,
 
 def report_info(config, checkpoint_kind: str = "latest") -> dict:
   """What the confusion reports record about how they were evaluated."""
-  return {"checkpoint": checkpoint_kind, "eval_image_size": eval_image_size(config),
+  return {"checkpoint": checkpoint_kind, "eval_image_size": input_pipeline.eval_image_size(config),
           "train_image_size": int(config.image_size), "flip_tta": bool(config.get("eval_flip_tta", False)),
           "dataset": config.dataset, "eval_split": config.eval_split}
 

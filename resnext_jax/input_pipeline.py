@@ -22,7 +22,7 @@ import numpy as np
 from resnext_jax import runtime
 from resnext_jax.datasets import augment
 from resnext_jax.datasets import normalization
-from resnext_jax.errors import DataError
+from resnext_jax.errors import ConfigError, DataError
 
 __all__ = ["DataError", "DatasetInfo", "get_dataset_info", "create_train_iterator", "create_eval_iterator",
            "preprocess_eval_image"]
@@ -86,6 +86,26 @@ def create_train_iterator(config, mesh, *, start_step: int = 0) -> Iterator[dict
   return _global_batches(ds.as_numpy_iterator(), mesh, config.batch_size, config.prefetch,
                          normalize=None if tf_side.is_legacy(config) else (source.mean, source.std),
                          erasing=erasing)
+
+
+def eval_image_size(config) -> int:
+  """config.eval_image_size, or config.image_size when it is 0 (unset)."""
+  size = int(config.get("eval_image_size", 0) or 0)
+  if size < 0:
+    raise ConfigError(f"config.eval_image_size must be >= 0 (0: image_size), got {size}")
+  return size or int(config.image_size)
+
+
+def eval_config(config):
+  """The config the eval input pipeline (and predict's preprocessing) reads: `config` itself, or a copy whose
+  image_size is config.eval_image_size when that is set and differs."""
+  size = eval_image_size(config)
+  if size == config.image_size:
+    return config
+  copy = config.copy_and_resolve_references()
+  with copy.unlocked():
+    copy.image_size = size
+  return copy
 
 
 def create_eval_iterator(config, mesh) -> Iterator[dict]:

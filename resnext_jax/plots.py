@@ -54,11 +54,7 @@ def plot(series, output, title=""):
     ax.grid(alpha=0.3)
     if ax.lines:
       ax.legend(fontsize=8)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(output, dpi=110)
-  plt.close(fig)
+  _save(fig, output, title, dpi=110)
 
 
 def plot_confusion(matrix, class_names, output, title=""):
@@ -109,10 +105,15 @@ def plot_confusion(matrix, class_names, output, title=""):
     bx.text(0.02, 0.02, f"worst: {worst}", transform=bx.transAxes, fontsize=8, va="bottom")
   bx.set_title("per-class accuracy")
   bx.grid(alpha=0.3)
+  _save(fig, output, title, dpi=100)
+
+
+def _save(fig, output, title, *, dpi):
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(output, dpi=100)
+  fig.savefig(output, dpi=dpi)
   plt.close(fig)
 
 

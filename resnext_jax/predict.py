@@ -17,7 +17,6 @@ import numpy as np
 
 from resnext_jax import checkpoint
 from resnext_jax import cpu
-from resnext_jax import evaluate
 from resnext_jax import input_pipeline
 from resnext_jax import runtime
 from resnext_jax.errors import DataError
@@ -76,7 +75,7 @@ def predict(config, workdir, files, *, mesh=None) -> int:
       config, workdir, mesh, image_shape, step, best=config.get("eval_checkpoint", "latest") == "best",
       best_metric=config.get("best_checkpoint_metric", "top1"))
   names = class_names(meta, config)
-  images, errors = _load_images(files, evaluate.eval_config(config))  # at config.eval_image_size when set
+  images, errors = _load_images(files, input_pipeline.eval_config(config))  # at config.eval_image_size when set
   probs = _probabilities(model, {k: variables[k] for k in ("params", "batch_stats")},
                          [im for im in images if im is not None], config, mesh)
   k = min(config.top_k, int(meta["num_classes"]))

@@ -62,6 +62,29 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   return c
 
 
+def digits_pipeline_config(data_dir, **overrides) -> ml_collections.ConfigDict:
+  """The default config over the real sklearn_digits records at 32x32, batches of 64: the input pipeline tests'."""
+  c = default.get_config()
+  c.update(dataset="sklearn_digits", data_dir=data_dir, image_size=32, batch_size=64, eval_batch_size=64,
+           shuffle_buffer_size=2048)
+  c.update(overrides)
+  return c
+
+
+def data_mesh():
+  """Every local device on the one 'data' axis, as runtime.make_mesh() in one process."""
+  import jax  # pylint: disable=g-import-not-at-top (after the environment above is set)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+
+
+def take(iterator, n):
+  """The next n batches of `iterator`, as numpy arrays."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return [jax.tree.map(np.asarray, next(iterator)) for _ in range(n)]
+
+
 def config_flags(config) -> list[str]:
   """Command-line overrides that turn configs/default.py into `config` (top-level fields only)."""
   base = default.get_config()

@@ -27,8 +27,6 @@ import subprocess
 import sys
 import textwrap
 
-import jax
-from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -36,6 +34,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from conftest import data_mesh, digits_pipeline_config, take
 from resnext_jax import errors
 from resnext_jax import input_pipeline
 from resnext_jax.configs import default
@@ -431,38 +430,22 @@ def test_erasing_pixel_mode_is_unit_normal_noise():
 # --- The pipeline, on the real sklearn_digits records. ---
 
 
-def _config(data_dir, **overrides):
-  config = default.get_config()
-  config.update(dataset="sklearn_digits", data_dir=data_dir, image_size=32, batch_size=64, eval_batch_size=64,
-                shuffle_buffer_size=2048)
-  config.update(overrides)
-  return config
-
-
-def _mesh():
-  return Mesh(np.array(jax.devices()), ("data",))
-
-
-def _take(iterator, n):
-  return [jax.tree.map(np.asarray, next(iterator)) for _ in range(n)]
-
-
 ALL_ON = dict(augment="cifar", auto_augment="rand-m9-mstd0.5-inc1", reprob=0.5, recount=2, aug_repeats=2)
 
 
 @pytest.mark.parametrize("overrides", [ALL_ON, dict(ALL_ON, auto_augment="trivial", remode="rand", aug_repeats=1)])
 def test_deterministic_and_resumable_with_everything_on(digits_dir, overrides):
-  config = _config(digits_dir, **overrides)
-  full = _take(input_pipeline.create_train_iterator(config, _mesh()), STEPS_PER_EPOCH + 2)
-  again = _take(input_pipeline.create_train_iterator(config, _mesh()), 2)
-  resumed = _take(input_pipeline.create_train_iterator(config, _mesh(), start_step=STEPS_PER_EPOCH - 1), 3)
+  config = digits_pipeline_config(digits_dir, **overrides)
+  full = take(input_pipeline.create_train_iterator(config, data_mesh()), STEPS_PER_EPOCH + 2)
+  again = take(input_pipeline.create_train_iterator(config, data_mesh()), 2)
+  resumed = take(input_pipeline.create_train_iterator(config, data_mesh(), start_step=STEPS_PER_EPOCH - 1), 3)
   for a, b in zip(full, again):
     np.testing.assert_array_equal(a["image"], b["image"])
   for a, b in zip(full[STEPS_PER_EPOCH - 1:], resumed):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
   assert set(full[0]) == {"image", "label"}  # the erasing key stays on the host side of the device step
-  other_seed = _take(input_pipeline.create_train_iterator(_config(digits_dir, seed=1, **overrides), _mesh()), 1)
+  other_seed = take(input_pipeline.create_train_iterator(digits_pipeline_config(digits_dir, seed=1, **overrides), data_mesh()), 1)
   assert not np.array_equal(other_seed[0]["image"], full[0]["image"])
 
 
@@ -483,18 +466,18 @@ def _serialized_graph(ds) -> bytes:
 
 
 def test_options_off_leave_the_pipeline_as_it_was(digits_dir):
-  config = _config(digits_dir, augment="cifar")
+  config = digits_pipeline_config(digits_dir, augment="cifar")
   source = sources.get_source(config)
   ds = input_pipeline.train_dataset(source, config, start_step=0, process_index=0, process_count=1)
   assert b"PyFunc" not in _serialized_graph(ds)  # no Python per image
-  on = input_pipeline.train_dataset(source, _config(digits_dir, augment="cifar", auto_augment="trivial"),
+  on = input_pipeline.train_dataset(source, digits_pipeline_config(digits_dir, augment="cifar", auto_augment="trivial"),
                                     start_step=0, process_index=0, process_count=1)
   assert b"PyFunc" in _serialized_graph(on)  # (so that the check above can fail)
   # A config that has never heard of the options gives the same batches.
   plain = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items()
                                      if k not in ("auto_augment", "reprob", "remode", "recount", "aug_repeats")})
-  a = _take(input_pipeline.create_train_iterator(config, _mesh()), 2)
-  b = _take(input_pipeline.create_train_iterator(plain, _mesh()), 2)
+  a = take(input_pipeline.create_train_iterator(config, data_mesh()), 2)
+  b = take(input_pipeline.create_train_iterator(plain, data_mesh()), 2)
   for x, y in zip(a, b):
     assert set(x) == {"image", "label"}
     np.testing.assert_array_equal(x["image"], y["image"])
@@ -502,8 +485,8 @@ def test_options_off_leave_the_pipeline_as_it_was(digits_dir):
 
 
 def test_eval_is_unaffected(digits_dir):
-  off = list(input_pipeline.create_eval_iterator(_config(digits_dir), _mesh()))
-  on = list(input_pipeline.create_eval_iterator(_config(digits_dir, **ALL_ON), _mesh()))
+  off = list(input_pipeline.create_eval_iterator(digits_pipeline_config(digits_dir), data_mesh()))
+  on = list(input_pipeline.create_eval_iterator(digits_pipeline_config(digits_dir, **ALL_ON), data_mesh()))
   assert len(on) == len(off)
   for a, b in zip(off, on):
     for key in ("image", "label", "mask"):
@@ -511,9 +494,9 @@ def test_eval_is_unaffected(digits_dir):
 
 
 def test_random_erasing_in_the_pipeline(digits_dir):
-  config = _config(digits_dir, reprob=1.0, remode="const")
-  batch = _take(input_pipeline.create_train_iterator(config, _mesh()), 1)[0]
-  plain = _take(input_pipeline.create_train_iterator(_config(digits_dir), _mesh()), 1)[0]
+  config = digits_pipeline_config(digits_dir, reprob=1.0, remode="const")
+  batch = take(input_pipeline.create_train_iterator(config, data_mesh()), 1)[0]
+  plain = take(input_pipeline.create_train_iterator(digits_pipeline_config(digits_dir), data_mesh()), 1)[0]
   erased = batch["image"] == 0.0  # no digit pixel normalises to exactly 0
   assert not (plain["image"] == 0.0).any()
   np.testing.assert_array_equal(batch["image"][~erased], plain["image"][~erased])
@@ -525,7 +508,7 @@ def test_random_erasing_in_the_pipeline(digits_dir):
 @pytest.mark.parametrize("local_devices", [1, 4])
 def test_repeats_come_k_at_a_time_on_different_devices(digits_dir, local_devices):
   k, local_batch = 4, 64
-  config = _config(digits_dir, augment="none", aug_repeats=k)
+  config = digits_pipeline_config(digits_dir, augment="none", aug_repeats=k)
   source = sources.get_source(config)
   ds = input_pipeline.train_dataset(source, config, start_step=0, process_index=0, process_count=1,
                                     local_devices=local_devices)
@@ -549,9 +532,9 @@ def test_repeats_come_k_at_a_time_on_different_devices(digits_dir, local_devices
 
 
 def test_repeats_are_augmented_differently_and_resume(digits_dir):
-  config = _config(digits_dir, augment="cifar", auto_augment="rand-m9-mstd0.5", aug_repeats=4)
+  config = digits_pipeline_config(digits_dir, augment="cifar", auto_augment="rand-m9-mstd0.5", aug_repeats=4)
   source = sources.get_source(config)
-  plain_config = _config(digits_dir, augment="none", aug_repeats=4)
+  plain_config = digits_pipeline_config(digits_dir, augment="none", aug_repeats=4)
 
   def stream(cfg, start_step, n):
     ds = input_pipeline.train_dataset(source, cfg, start_step=start_step, process_index=0, process_count=1,
@@ -575,7 +558,7 @@ def test_repeats_are_augmented_differently_and_resume(digits_dir):
 
 
 def test_repeats_on_two_processes_read_disjoint_parts(digits_dir):
-  config = _config(digits_dir, batch_size=128, augment="none", aug_repeats=2)
+  config = digits_pipeline_config(digits_dir, batch_size=128, augment="none", aug_repeats=2)
   source = sources.get_source(config)
   images = []
   for p in range(2):
@@ -610,7 +593,7 @@ def test_config_errors_name_the_key(digits_dir, overrides, key):
   config = ml_collections.ConfigDict({**default.get_config().to_dict(), "dataset": "sklearn_digits",
                                       "data_dir": digits_dir, "image_size": 32, "batch_size": 64, **overrides})
   with pytest.raises(errors.ConfigError, match=key.replace(".", r"\.")):
-    next(input_pipeline.create_train_iterator(config, _mesh()))
+    next(input_pipeline.create_train_iterator(config, data_mesh()))
 
 
 def test_trivial_and_off_parse():
@@ -633,7 +616,7 @@ def test_repeats_and_erasing_keys_on_the_device_decoding_path(tmp_path):
   """decode_on_device's host side (boxes from the JPEG header): copies share the bytes, not the crop; each
   example carries its erasing key."""
   synthetic_jpegs.write_image_folder(str(tmp_path), 32, num_classes=2, splits=("train",))
-  config = _config(str(tmp_path), dataset="imagefolder", eval_split="train", batch_size=8, image_size=32,
+  config = digits_pipeline_config(str(tmp_path), dataset="imagefolder", eval_split="train", batch_size=8, image_size=32,
                    shuffle_buffer_size=64, aug_repeats=2, reprob=0.5)
   source = sources.get_source(config)
   ds = input_pipeline.train_dataset(source, config, start_step=0, process_index=0, process_count=1, encoded=True,

@@ -246,9 +246,9 @@ def test_eval_image_size_reaches_the_eval_step_and_the_transform(trained, tmp_pa
   too. The checkpoint's meta keeps the training size."""
   config, workdir, _ = trained
   at12 = _digits_config(config.data_dir, eval_image_size=12)
-  assert evaluate.eval_image_size(at12) == 12 and evaluate.eval_config(at12).image_size == 12
-  assert evaluate.eval_config(config) is config and at12.image_size == 8  # the caller's config is unchanged
-  images, labels, encoded = _test_split(evaluate.eval_config(at12))
+  assert input_pipeline.eval_image_size(at12) == 12 and input_pipeline.eval_config(at12).image_size == 12
+  assert input_pipeline.eval_config(config) is config and at12.image_size == 8  # the caller's config is unchanged
+  images, labels, encoded = _test_split(input_pipeline.eval_config(at12))
   assert images.shape == (NUM_TEST, 12, 12, 3)
 
   mesh = runtime.make_mesh()
@@ -288,6 +288,6 @@ def test_eval_image_size_on_synthetic_data():
   """The synthetic eval batches take the eval size too (no data needed)."""
   config = tiny_config(eval_image_size=16)
   mesh = runtime.make_mesh()
-  batches = list(input_pipeline.create_eval_iterator(evaluate.eval_config(config), mesh))
+  batches = list(input_pipeline.create_eval_iterator(input_pipeline.eval_config(config), mesh))
   assert {b["image"].shape for b in batches} == {(16, 16, 16, 3)}
   assert sum(int(np.asarray(b["mask"]).sum()) for b in batches) == config.synthetic_num_examples

@@ -15,11 +15,11 @@ import tensorflow_datasets as tfds
 from resnext_jax import errors
 from resnext_jax import input_pipeline
 from resnext_jax.datasets import transforms
-from test_input_pipeline import default_config
+from resnext_jax.configs import default
 
 
 def _config(**overrides):
-  config = default_config()
+  config = default.get_config()
   config.update(batch_size=8, eval_batch_size=8, shuffle_buffer_size=64)
   config.update(overrides)
   return config

@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from conftest import REPO
 from resnext_jax import errors
 from resnext_jax import input_pipeline
 from resnext_jax.datasets import device_augment
@@ -22,7 +23,7 @@ from resnext_jax.datasets import legacy_transforms
 from resnext_jax.datasets import normalization
 from resnext_jax.datasets import synthetic_jpegs
 from resnext_jax.datasets import transforms
-from test_input_pipeline import REPO, default_config
+from resnext_jax.configs import default
 
 _RAW = dict(mean=(0.0,) * 3, std=(1 / 255,) * 3)  # normalisation that leaves pixel values in 0..255
 
@@ -121,7 +122,7 @@ def test_gpu_decode_says_what_to_install():
     with pytest.raises(errors.ConfigError, match="nvidia-nvimgcodec-cu12"):
       gpu_decode.nvimgcodec()
   if jax.default_backend() != "gpu":
-    config = default_config()
+    config = default.get_config()
     config.update(dataset="imagefolder", data_dir="/nonexistent", decode_on_device=True)
     with pytest.raises(errors.ConfigError, match="needs a GPU|nvimgcodec"):
       input_pipeline.create_train_iterator(config, _mesh())
@@ -138,7 +139,7 @@ def _image_folder(root, sizes):
 def test_pre_resize_stores_smaller_images_and_trains(tmp_path):
   sizes = [(300, 200), (90, 120), (260, 400), (100, 100)]
   _image_folder(str(tmp_path), sizes)
-  config = default_config()
+  config = default.get_config()
   config.update(dataset="imagefolder", data_dir=str(tmp_path), eval_split="train", image_size=32, batch_size=4,
                 eval_batch_size=4, shuffle_buffer_size=16, pre_resize=96)
   from resnext_jax.datasets import sources  # pylint: disable=import-outside-toplevel
@@ -153,7 +154,7 @@ def test_pre_resize_stores_smaller_images_and_trains(tmp_path):
 
 def test_legacy_transforms_still_run(tmp_path):
   _image_folder(str(tmp_path), [(60, 80)] * 4)
-  config = default_config()
+  config = default.get_config()
   config.update(dataset="imagefolder", data_dir=str(tmp_path), eval_split="train", image_size=24, batch_size=4,
                 eval_batch_size=4, shuffle_buffer_size=16)
   fast = [np.asarray(b["image"]) for b in input_pipeline.create_eval_iterator(config, _mesh())]

@@ -1,18 +1,17 @@
 """Input pipeline on the real sklearn_digits data: batches, determinism, resume, exact evaluation, errors."""
 
 import collections
-import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
 
 import jax
-from jax.sharding import Mesh
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from conftest import data_mesh, digits_pipeline_config, take
 from resnext_jax import errors
 from resnext_jax import input_pipeline
 from resnext_jax.datasets import sources
@@ -21,45 +20,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TEST = 299
 
 
-def default_config():
-  """resnext_jax/configs/default.py's config, whether or not the repository root is on sys.path."""
-  spec = importlib.util.spec_from_file_location("default_config",
-                                                os.path.join(REPO, "resnext_jax", "configs", "default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("tfds"))
-  input_pipeline.get_dataset_info(_config(path))  # prepares sklearn_digits once for the module
+  input_pipeline.get_dataset_info(digits_pipeline_config(path))  # prepares sklearn_digits once for the module
   return path
 
 
-def _config(data_dir, **overrides):
-  config = default_config()
-  config.update(dataset="sklearn_digits", data_dir=data_dir, image_size=32, batch_size=64, eval_batch_size=64,
-                shuffle_buffer_size=2048)
-  config.update(overrides)
-  return config
-
-
-def _mesh():
-  return Mesh(np.array(jax.devices()), ("data",))
-
-
-def _take(iterator, n):
-  return [jax.tree.map(np.asarray, next(iterator)) for _ in range(n)]
-
-
 def test_dataset_info(data_dir):
-  info = input_pipeline.get_dataset_info(_config(data_dir))  # eval_split 'validation' falls back to 'test'
+  info = input_pipeline.get_dataset_info(digits_pipeline_config(data_dir))  # eval_split 'validation' falls back to 'test'
   assert info == input_pipeline.DatasetInfo(10, 1498, NUM_TEST, (32, 32, 3), tuple("0123456789"))
 
 
 def test_train_batches(data_dir):
-  batch = next(input_pipeline.create_train_iterator(_config(data_dir, image_size=40), _mesh()))
+  batch = next(input_pipeline.create_train_iterator(digits_pipeline_config(data_dir, image_size=40), data_mesh()))
   assert isinstance(batch["image"], jax.Array)
   assert batch["image"].shape == (64, 40, 40, 3) and batch["image"].dtype == np.float32
   assert batch["label"].shape == (64,) and batch["label"].dtype == np.int32
@@ -71,9 +45,9 @@ def test_train_batches(data_dir):
 
 
 def test_deterministic_for_a_seed(data_dir):
-  mesh = _mesh()
-  first, again = (_take(input_pipeline.create_train_iterator(_config(data_dir), mesh), 3) for _ in range(2))
-  other = _take(input_pipeline.create_train_iterator(_config(data_dir, seed=1), mesh), 1)
+  mesh = data_mesh()
+  first, again = (take(input_pipeline.create_train_iterator(digits_pipeline_config(data_dir), mesh), 3) for _ in range(2))
+  other = take(input_pipeline.create_train_iterator(digits_pipeline_config(data_dir, seed=1), mesh), 1)
   for a, b in zip(first, again):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
@@ -81,10 +55,10 @@ def test_deterministic_for_a_seed(data_dir):
 
 
 def test_start_step_resumes_across_an_epoch_boundary(data_dir):
-  config = _config(data_dir, augment="cifar")  # random crops and flips too must resume identically
+  config = digits_pipeline_config(data_dir, augment="cifar")  # random crops and flips too must resume identically
   steps_per_epoch = 1498 // 64  # 23
-  full = _take(input_pipeline.create_train_iterator(config, _mesh()), steps_per_epoch + 3)
-  resumed = _take(input_pipeline.create_train_iterator(config, _mesh(), start_step=steps_per_epoch - 2), 5)
+  full = take(input_pipeline.create_train_iterator(config, data_mesh()), steps_per_epoch + 3)
+  resumed = take(input_pipeline.create_train_iterator(config, data_mesh(), start_step=steps_per_epoch - 2), 5)
   for a, b in zip(full[steps_per_epoch - 2:], resumed):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
@@ -94,15 +68,15 @@ def test_start_step_resumes_across_an_epoch_boundary(data_dir):
 
 def _eval_reference(data_dir):
   """Label counts and per-image checksums of the test split, read directly from TFDS."""
-  source = sources.get_source(_config(data_dir))
+  source = sources.get_source(digits_pipeline_config(data_dir))
   ds = tfds.as_numpy(source.builder.as_dataset(split="test", batch_size=-1))
   return collections.Counter(ds["label"].tolist())
 
 
 @pytest.mark.parametrize("eval_batch_size", [64, 7, 512])
 def test_eval_sees_every_example_once(data_dir, eval_batch_size):
-  config = _config(data_dir, eval_batch_size=eval_batch_size)
-  batches = list(input_pipeline.create_eval_iterator(config, _mesh()))
+  config = digits_pipeline_config(data_dir, eval_batch_size=eval_batch_size)
+  batches = list(input_pipeline.create_eval_iterator(config, data_mesh()))
   assert len(batches) == -(-NUM_TEST // eval_batch_size)
   masks = np.concatenate([np.asarray(b["mask"]) for b in batches])
   labels = np.concatenate([np.asarray(b["label"]) for b in batches])
@@ -117,7 +91,7 @@ def test_eval_sees_every_example_once(data_dir, eval_batch_size):
 @pytest.mark.parametrize("process_count,eval_batch_size", [(2, 64), (3, 48), (4, 400)])
 def test_eval_on_several_processes(data_dir, process_count, eval_batch_size):
   """Each process's stream (as it would run on its own host): same batch count, each example once overall."""
-  config = _config(data_dir, eval_batch_size=eval_batch_size)
+  config = digits_pipeline_config(data_dir, eval_batch_size=eval_batch_size)
   source = sources.get_source(config)
   streams = [list(tfds.as_numpy(input_pipeline.eval_dataset(source, config, process_index=p,
                                                              process_count=process_count)))
@@ -132,7 +106,7 @@ def test_eval_on_several_processes(data_dir, process_count, eval_batch_size):
 
 
 def test_train_processes_read_disjoint_parts(data_dir):
-  config = _config(data_dir, batch_size=128, augment="none")
+  config = digits_pipeline_config(data_dir, batch_size=128, augment="none")
   source = sources.get_source(config)
   images = []
   for p in range(2):
@@ -144,11 +118,11 @@ def test_train_processes_read_disjoint_parts(data_dir):
 
 
 def test_preprocess_eval_image_matches_the_eval_stream(data_dir):
-  config = _config(data_dir)
+  config = digits_pipeline_config(data_dir)
   source = sources.get_source(config)
   encoded = next(iter(source.builder.as_dataset(split="test", decoders={"image": tfds.decode.SkipDecoding()})))
   image = input_pipeline.preprocess_eval_image(encoded["image"].numpy(), config)
-  first = np.asarray(next(input_pipeline.create_eval_iterator(config, _mesh()))["image"])[0]
+  first = np.asarray(next(input_pipeline.create_eval_iterator(config, data_mesh()))["image"])[0]
   assert image.shape == (32, 32, 3) and image.dtype == np.float32
   np.testing.assert_allclose(image, first, atol=1e-6)
   with pytest.raises(ValueError):
@@ -156,13 +130,13 @@ def test_preprocess_eval_image_matches_the_eval_stream(data_dir):
 
 
 def test_synthetic():
-  config = _config(None, dataset="synthetic", synthetic_num_classes=7, synthetic_num_examples=50,
+  config = digits_pipeline_config(None, dataset="synthetic", synthetic_num_classes=7, synthetic_num_examples=50,
                    image_size=16, batch_size=8, eval_batch_size=16)
   info = input_pipeline.get_dataset_info(config)
   assert (info.num_classes, info.num_train_examples, info.image_shape) == (7, 50, (16, 16, 3))
-  batch = next(input_pipeline.create_train_iterator(config, _mesh()))
+  batch = next(input_pipeline.create_train_iterator(config, data_mesh()))
   assert batch["image"].shape == (8, 16, 16, 3) and int(np.max(batch["label"])) < 7
-  masks = [np.asarray(b["mask"]) for b in input_pipeline.create_eval_iterator(config, _mesh())]
+  masks = [np.asarray(b["mask"]) for b in input_pipeline.create_eval_iterator(config, data_mesh())]
   assert len(masks) == 4 and sum(m.sum() for m in masks) == 50
 
 
@@ -173,7 +147,7 @@ def test_synthetic():
     (dict(train_split="bogus"), "no split 'bogus'"),
 ])
 def test_config_errors(data_dir, overrides, message):
-  config = _config(data_dir, **overrides)
+  config = digits_pipeline_config(data_dir, **overrides)
   if message is None:
     assert input_pipeline.get_dataset_info(config).num_eval_examples == NUM_TEST
   else:
@@ -183,7 +157,7 @@ def test_config_errors(data_dir, overrides, message):
 
 def test_imagenet_not_prepared_says_what_to_do(tmp_path):
   with pytest.raises(errors.DataError) as error:
-    input_pipeline.get_dataset_info(_config(str(tmp_path), dataset="imagenet2012"))
+    input_pipeline.get_dataset_info(digits_pipeline_config(str(tmp_path), dataset="imagenet2012"))
   message = str(error.value)
   assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
   assert str(tmp_path / "downloads" / "manual") in message and "tfds build imagenet2012" in message
@@ -195,7 +169,7 @@ def test_imagenet_eval_transform_needs_no_prepared_imagenet(tmp_path):
   from PIL import Image
   buffer = io.BytesIO()
   Image.new("RGB", (500, 375), (255, 255, 255)).save(buffer, format="PNG")
-  config = _config(str(tmp_path), dataset="imagenet2012", image_size=224)
+  config = digits_pipeline_config(str(tmp_path), dataset="imagenet2012", image_size=224)
   image = input_pipeline.preprocess_eval_image(buffer.getvalue(), config)
   assert image.shape == (224, 224, 3) and image.dtype == np.float32
   white = (1.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])  # ImageNet mean/std
