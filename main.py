@@ -37,11 +37,9 @@ def main(argv):
   if FLAGS.retain_host_memory:
     from resnext_jax.cpu import host_memory  # pylint: disable=g-import-not-at-top
     host_memory.retain_freed_memory()    # before JAX and TensorFlow start their threads
-  # pylint: disable-next=g-import-not-at-top
-  from resnext_jax import compilation_cache, errors, evaluate, predict, runtime, train
+  from resnext_jax import errors, evaluate, predict, runtime, train  # pylint: disable=g-import-not-at-top
   try:
     runtime.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    compilation_cache.enable_from_config(FLAGS.config)  # compiled programs reused across runs
     if FLAGS.mode == "train":
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "eval":

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnext_jax import checkpoint
+from resnext_jax import compilation_cache
 from resnext_jax import cpu
 from resnext_jax import input_pipeline
 from resnext_jax import runtime
@@ -215,7 +216,6 @@ def evaluate(config, workdir, *, mesh=None) -> dict[str, Any]:
   Writes WORKDIR/eval/[ema_]confusion_matrix.{json,png} when config.eval_confusion_matrix.
   """
   from clu import metric_writers  # pylint: disable=g-import-not-at-top (it imports TensorFlow; the step does not)
-  from resnext_jax import compilation_cache  # pylint: disable=g-import-not-at-top
   mesh = mesh if mesh is not None else runtime.make_mesh()
   runtime.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
   compilation_cache.enable_from_config(config)

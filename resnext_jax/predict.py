@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from resnext_jax import checkpoint
+from resnext_jax import compilation_cache
 from resnext_jax import cpu
 from resnext_jax import input_pipeline
 from resnext_jax import runtime
@@ -69,6 +70,7 @@ def _load_images(files, config):
 def predict(config, workdir, files, *, mesh=None) -> int:
   """Prints a JSON line per file (process 0); returns the number of files that could not be predicted."""
   mesh = mesh if mesh is not None else runtime.make_mesh()
+  compilation_cache.enable_from_config(config)
   image_shape = (config.image_size, config.image_size, 3)
   step = config.eval_checkpoint_step if config.eval_checkpoint_step >= 0 else None
   model, variables, step, meta = checkpoint.load_variables(
