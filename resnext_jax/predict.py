@@ -71,6 +71,7 @@ def predict(config, workdir, files, *, mesh=None) -> int:
   """Prints a JSON line per file (process 0); returns the number of files that could not be predicted."""
   mesh = mesh if mesh is not None else runtime.make_mesh()
   compilation_cache.enable_from_config(config)
+  cpu.prepare(config.conv_impl)  # the first-use kernel build overlaps what follows
   image_shape = (config.image_size, config.image_size, 3)
   step = config.eval_checkpoint_step if config.eval_checkpoint_step >= 0 else None
   model, variables, step, meta = checkpoint.load_variables(

@@ -329,6 +329,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict | None:
   mesh = mesh if mesh is not None else runtime.make_mesh()
   check_config(config, mesh)
   evaluate.check_eval_config(config)
+  cpu.prepare(config.conv_impl)  # the first-use kernel build overlaps what follows
   compilation_cache.enable_from_config(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)

@@ -12,6 +12,8 @@
   alike, where /proc/cpuinfo differs between architectures) and jaxlib's version.
 - Failure (no compiler, a compiler error) is remembered for the process: one failed build at most, reported
   once; `available()` is then False and the layers use their portable XLA implementations.
+- `load_in_background()` starts the build in a thread, so that it overlaps the job's other start-up work; the
+  first kernel that needs the library waits for it (one lock: never two builds in one process).
 """
 
 import concurrent.futures
@@ -25,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import jax
@@ -50,6 +53,7 @@ TARGETS = {
 }
 
 _failure = None  # the KernelUnavailable of this process's failed build, raised again without rebuilding
+_loading = threading.Lock()  # held while building or loading: a second caller waits instead of building again
 
 
 def available():
@@ -68,15 +72,24 @@ def load():
   later call without building again.
   """
   global _failure
-  if _failure is not None:
-    raise _failure
-  try:
-    return _load()
-  except KernelUnavailable as e:
-    _failure = e
-    print(f"resnext_jax: {e}\nresnext_jax: using the portable XLA implementations instead", file=sys.stderr,
-          flush=True)
-    raise
+  with _loading:
+    if _failure is not None:
+      raise _failure
+    try:
+      return _load()
+    except KernelUnavailable as e:
+      _failure = e
+      print(f"resnext_jax: {e}\nresnext_jax: using the portable XLA implementations instead", file=sys.stderr,
+            flush=True)
+      raise
+
+
+def load_in_background():
+  """Starts `available()` in a daemon thread and returns it: the build (g++ in subprocesses) then runs while the
+  caller imports TensorFlow and prepares data, which takes one core of two for several seconds."""
+  thread = threading.Thread(target=available, name="resnext_jax-cpu-kernels", daemon=True)
+  thread.start()
+  return thread
 
 
 @functools.cache
