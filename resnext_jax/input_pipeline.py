@@ -88,6 +88,15 @@ def create_train_iterator(config, mesh, *, start_step: int = 0) -> Iterator[dict
                          erasing=erasing)
 
 
+def train_batch_spec(config, mesh) -> dict:
+  """The global training batch every train iterator yields, as ShapeDtypeStructs sharded on 'data': what the train
+  step is compiled for before any input is read (tests/test_input_pipeline.py checks it against each pipeline)."""
+  sharding = runtime.batch_sharded(mesh)
+  size = config.image_size
+  return {"image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=sharding),
+          "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=sharding)}
+
+
 def eval_image_size(config) -> int:
   """config.eval_image_size, or config.image_size when it is 0 (unset)."""
   size = int(config.get("eval_image_size", 0) or 0)

@@ -397,6 +397,9 @@ def _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, 
       evaluate.write_confusion(workdir, confusions, meta["class_names"], step=step, **evaluate.report_info(config))
     last_eval_step = step
 
+  # Compiled before the input pipeline starts: on a CPU, 'auto' then times the layers on a machine that is not
+  # also decoding images (the first call reuses this trace and executable).
+  p_train_step.lower(state, input_pipeline.train_batch_spec(config, mesh)).compile()
   train_iter = input_pipeline.create_train_iterator(config, mesh, start_step=step)
   t0, t0_step = time.monotonic(), step
   with _preemption_watch() as should_stop:

@@ -129,6 +129,21 @@ def test_preprocess_eval_image_matches_the_eval_stream(data_dir):
     input_pipeline.preprocess_eval_image(b"definitely not an image", config)
 
 
+@pytest.mark.parametrize("overrides", [
+    dict(), dict(input_transform="legacy"), dict(reprob=1.0, aug_repeats=2, augment="cifar"),
+    dict(dataset="synthetic", synthetic_num_classes=10)])
+def test_train_batch_spec_is_what_the_iterator_yields(data_dir, overrides):
+  """The train step is compiled for train_batch_spec before the pipeline starts (train.py): a mismatch would
+  trace, time and compile the step a second time."""
+  config = digits_pipeline_config(data_dir, image_size=24, **overrides)
+  batch = next(input_pipeline.create_train_iterator(config, data_mesh()))
+  spec = input_pipeline.train_batch_spec(config, data_mesh())
+  assert jax.tree.structure(batch) == jax.tree.structure(spec)
+  for got, want in zip(jax.tree.leaves(batch), jax.tree.leaves(spec)):
+    assert (got.shape, got.dtype) == (want.shape, want.dtype)
+    assert got.sharding.is_equivalent_to(want.sharding, got.ndim), (got.sharding, want.sharding)
+
+
 def test_synthetic():
   config = digits_pipeline_config(None, dataset="synthetic", synthetic_num_classes=7, synthetic_num_examples=50,
                    image_size=16, batch_size=8, eval_batch_size=16)

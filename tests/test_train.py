@@ -130,13 +130,19 @@ def _write_images(directory):
   return paths, bad
 
 
-def test_digits_train_eval_predict(tmp_path, digits_dir, capsys):
-  """The real digits pipeline end to end: train, eval on all 299 test images once, predict files."""
+def test_digits_train_eval_predict(tmp_path, digits_dir, capsys, monkeypatch):
+  """The real digits pipeline end to end: train, eval on all 299 test images once, predict files.
+
+  The step is traced once: compiled ahead of the pipeline (train_batch_spec), reused by the loop's calls."""
+  traces = []
+  step = train.train_step
+  monkeypatch.setattr(train, "train_step", lambda *a, **k: traces.append(1) or step(*a, **k))
   workdir = str(tmp_path / "wd")
   config = tiny_config(dataset="sklearn_digits", data_dir=digits_dir, num_train_steps=3, batch_size=32,
                        eval_batch_size=64, image_size=16)
   result = train.train_and_evaluate(config, workdir)
   assert result["num_examples"] == 299 and result["step"] == 3
+  assert len(traces) == 1, f"the train step was traced {len(traces)} times"
   capsys.readouterr()
 
   paths, bad = _write_images(str(tmp_path))
