@@ -35,7 +35,7 @@ from resnext_jax.cpu import build, options
 from resnext_jax.errors import KernelUnavailable
 
 MAX_IMAGES = 8            # images per timing: the relative speed of two implementations hardly depends on more
-MIN_SECONDS = 0.02        # each candidate runs at least 3 times and this long (best run counts); ~100 candidates on first use
+MIN_SECONDS = 0.02        # each candidate runs at least 3 times and this long (best run counts)
 
 _memory = {}              # signature -> choice, this process
 _explain_logs = []        # active explain() lists

@@ -85,8 +85,8 @@ def load():
 
 
 def load_in_background():
-  """Starts `available()` in a daemon thread and returns it: the build (g++ in subprocesses) then runs while the
-  caller imports TensorFlow and prepares data, which takes one core of two for several seconds."""
+  """Starts `available()` in a daemon thread and returns it: the build (compilers in subprocesses) then runs while
+  the caller imports TensorFlow and prepares data, single-threaded work that leaves the other cores idle."""
   thread = threading.Thread(target=available, name="resnext_jax-cpu-kernels", daemon=True)
   thread.start()
   return thread
