@@ -218,9 +218,9 @@ def evaluate(config, workdir, *, mesh=None) -> dict[str, Any]:
   from clu import metric_writers  # pylint: disable=g-import-not-at-top (it imports TensorFlow; the step does not)
   mesh = mesh if mesh is not None else runtime.make_mesh()
   runtime.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
-  cpu.prepare(config.conv_impl)  # the first-use kernel build overlaps what follows
   compilation_cache.enable_from_config(config)
   check_eval_config(config)
+  cpu.prepare(config.conv_impl)  # the first-use kernel build overlaps what follows
   kind = config.get("eval_checkpoint", "latest")
   info = input_pipeline.get_dataset_info(config)
   step = config.eval_checkpoint_step if config.eval_checkpoint_step >= 0 else None
