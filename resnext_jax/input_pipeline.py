@@ -91,10 +91,20 @@ def create_train_iterator(config, mesh, *, start_step: int = 0) -> Iterator[dict
 def train_batch_spec(config, mesh) -> dict:
   """The global training batch every train iterator yields, as ShapeDtypeStructs sharded on 'data': what the train
   step is compiled for before any input is read (tests/test_input_pipeline.py checks it against each pipeline)."""
-  sharding = runtime.batch_sharded(mesh)
-  size = config.image_size
-  return {"image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=sharding),
-          "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=sharding)}
+  return _batch_spec(mesh, config.batch_size, config.image_size)
+
+
+def eval_batch_spec(config, mesh) -> dict:
+  """The global batch create_eval_iterator(config, mesh) yields, as train_batch_spec (with its 'mask')."""
+  return _batch_spec(mesh, config.eval_batch_size, config.image_size, mask=True)
+
+
+def _batch_spec(mesh, batch_size: int, size: int, mask: bool = False) -> dict:
+  def spec(shape, dtype):
+    return jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=runtime.batch_sharded(mesh))
+
+  out = {"image": spec((size, size, 3), jnp.float32), "label": spec((), jnp.int32)}
+  return dict(out, mask=spec((), jnp.bool_)) if mask else out
 
 
 def eval_image_size(config) -> int:

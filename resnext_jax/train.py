@@ -400,6 +400,8 @@ def _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, 
   # Compiled before the input pipeline starts: on a CPU, 'auto' then times the layers on a machine that is not
   # also decoding images (the first call reuses this trace and executable).
   p_train_step.lower(state, input_pipeline.train_batch_spec(config, mesh)).compile()
+  if _evaluates(d, step):
+    evaluate.compile_ahead(p_eval_step, _eval_variables(state), config, mesh)
   train_iter = input_pipeline.create_train_iterator(config, mesh, start_step=step)
   t0, t0_step = time.monotonic(), step
   with _preemption_watch() as should_stop:
@@ -447,6 +449,13 @@ def _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, 
     run_eval(final=True)
   print(evaluate.result_line(step, result), flush=True)
   return {"step": step, **result}
+
+
+def _evaluates(d, step: int) -> bool:
+  """Whether this run, from `step` to d.stop_after_steps, evaluates (periodically, or at the end of training)."""
+  if d.stop_after_steps == d.num_train_steps:
+    return True
+  return bool(d.eval_every_steps) and d.stop_after_steps // d.eval_every_steps > step // d.eval_every_steps
 
 
 def _stop_profiler():

@@ -136,8 +136,20 @@ def test_train_batch_spec_is_what_the_iterator_yields(data_dir, overrides):
   """The train step is compiled for train_batch_spec before the pipeline starts (train.py): a mismatch would
   trace, time and compile the step a second time."""
   config = digits_pipeline_config(data_dir, image_size=24, **overrides)
-  batch = next(input_pipeline.create_train_iterator(config, data_mesh()))
-  spec = input_pipeline.train_batch_spec(config, data_mesh())
+  _assert_matches(next(input_pipeline.create_train_iterator(config, data_mesh())),
+                  input_pipeline.train_batch_spec(config, data_mesh()))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(), dict(input_transform="legacy"), dict(dataset="synthetic", synthetic_num_examples=50)])
+def test_eval_batch_spec_is_what_the_iterator_yields(data_dir, overrides):
+  """As above, for the eval step (evaluate.compile_ahead)."""
+  config = digits_pipeline_config(data_dir, image_size=24, eval_batch_size=32, **overrides)
+  _assert_matches(next(input_pipeline.create_eval_iterator(config, data_mesh())),
+                  input_pipeline.eval_batch_spec(config, data_mesh()))
+
+
+def _assert_matches(batch, spec):
   assert jax.tree.structure(batch) == jax.tree.structure(spec)
   for got, want in zip(jax.tree.leaves(batch), jax.tree.leaves(spec)):
     assert (got.shape, got.dtype) == (want.shape, want.dtype)

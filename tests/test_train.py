@@ -6,6 +6,7 @@ Real components throughout: Orbax checkpoints on disk, TensorBoard event files, 
 import glob
 import json
 import os
+import types
 
 import jax
 import numpy as np
@@ -133,16 +134,18 @@ def _write_images(directory):
 def test_digits_train_eval_predict(tmp_path, digits_dir, capsys, monkeypatch):
   """The real digits pipeline end to end: train, eval on all 299 test images once, predict files.
 
-  The step is traced once: compiled ahead of the pipeline (train_batch_spec), reused by the loop's calls."""
+  The steps are traced once: compiled ahead of the pipeline (train_batch_spec, eval_batch_spec), reused by the
+  loop's calls."""
   traces = []
-  step = train.train_step
-  monkeypatch.setattr(train, "train_step", lambda *a, **k: traces.append(1) or step(*a, **k))
+  step, eval_step = train.train_step, evaluate.eval_step
+  monkeypatch.setattr(train, "train_step", lambda *a, **k: traces.append("train") or step(*a, **k))
+  monkeypatch.setattr(evaluate, "eval_step", lambda *a, **k: traces.append("eval") or eval_step(*a, **k))
   workdir = str(tmp_path / "wd")
   config = tiny_config(dataset="sklearn_digits", data_dir=digits_dir, num_train_steps=3, batch_size=32,
                        eval_batch_size=64, image_size=16)
   result = train.train_and_evaluate(config, workdir)
   assert result["num_examples"] == 299 and result["step"] == 3
-  assert len(traces) == 1, f"the train step was traced {len(traces)} times"
+  assert sorted(traces) == ["eval", "train"], f"steps traced: {traces}"
   capsys.readouterr()
 
   paths, bad = _write_images(str(tmp_path))
@@ -193,3 +196,14 @@ def test_converted_checkpoint_eval_and_predict(tmp_path, digits_dir, capsys):
 def test_imagenet_class_names():
   names = predict.class_names({"num_classes": 1000, "model": "resnext50_32x4d"}, tiny_config())
   assert len(names) == 1000 and names[0] == "tench" and names[999] == "toilet tissue"
+
+
+@pytest.mark.parametrize("every,stop,step,evaluates", [
+    (0, 10, 0, True),    # the final evaluation
+    (0, 5, 0, False),    # a time slice that ends before any evaluation
+    (4, 5, 0, True),     # ... that passes step 4's
+    (4, 7, 4, False),    # resumed at 4: the next one, at 8, is past the slice
+    (4, 10, 10, True)])  # resumed at the end: the final evaluation runs again
+def test_the_eval_step_is_compiled_ahead_only_for_runs_that_evaluate(every, stop, step, evaluates):
+  d = types.SimpleNamespace(num_train_steps=10, eval_every_steps=every, stop_after_steps=stop)
+  assert train._evaluates(d, step) == evaluates  # pylint: disable=protected-access
