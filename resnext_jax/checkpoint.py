@@ -49,6 +49,11 @@ def inference_variables(item) -> dict:
   return out
 
 
+def model_variables(variables) -> dict:
+  """{'params', 'batch_stats'} of inference variables: the trained weights, without their EMA copy."""
+  return {k: variables[k] for k in ("params", "batch_stats")}
+
+
 def create_manager(directory, *, max_to_keep=None, async_save=True, read_only=False):
   """A CheckpointManager over `directory` (absolute path; created unless read_only)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
@@ -215,6 +220,15 @@ def load_variables(config, workdir, mesh, image_shape, step=None, *, best=False,
   return restore_variables(directory, mesh, image_shape, step=step,
                            conv_impl=config.conv_impl, half_precision=config.half_precision,
                            frozen_stages=config.get("frozen_stages", 0))
+
+
+def load_evaluated(config, workdir, mesh, image_shape):
+  """load_variables with the checkpoint eval and predict take: config.eval_checkpoint ('latest', or 'best' by
+  config.best_checkpoint_metric) at config.eval_checkpoint_step (-1: the latest, or the best)."""
+  step = config.eval_checkpoint_step if config.eval_checkpoint_step >= 0 else None
+  return load_variables(config, workdir, mesh, image_shape, step,
+                        best=config.get("eval_checkpoint", "latest") == "best",
+                        best_metric=config.get("best_checkpoint_metric", "top1"))
 
 
 def restore_variables(directory, mesh, image_shape, *, step=None, conv_impl="auto", half_precision=False,

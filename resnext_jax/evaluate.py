@@ -129,7 +129,7 @@ def evaluate_all(p_eval_step, variables, config, mesh, *, confusions: dict | Non
   confusions: a dict to fill with (num_classes, num_classes) int64 confusion matrices, under '' (the weights)
   and 'ema_'.
   """
-  weights = [("", _plain(variables))] + ([("ema_", variables["ema"])] if variables.get("ema") is not None else [])
+  weights = [("", checkpoint.model_variables(variables))] + ([("ema_", variables["ema"])] if variables.get("ema") is not None else [])
   config_for_eval = input_pipeline.eval_config(config)
   result = {}
   for prefix, v in weights:
@@ -148,11 +148,7 @@ def compile_ahead(p_eval_step, variables, config, mesh) -> None:
   """Compiles p_eval_step for evaluate_all's batches before any eval input is read: on a CPU, 'auto' then times
   the eval-mode layers while no input pipeline decodes on the same cores (evaluate_all's calls reuse it)."""
   spec = input_pipeline.eval_batch_spec(input_pipeline.eval_config(config), mesh)
-  p_eval_step.lower(_plain(variables), spec).compile()
-
-
-def _plain(variables) -> dict:
-  return {k: variables[k] for k in ("params", "batch_stats")}
+  p_eval_step.lower(checkpoint.model_variables(variables), spec).compile()
 
 
 def write_eval_metrics(writer, step: int, result: dict) -> None:
@@ -231,12 +227,8 @@ def evaluate(config, workdir, *, mesh=None) -> dict[str, Any]:
   compilation_cache.enable_from_config(config)
   check_eval_config(config)
   cpu.prepare(config.conv_impl)  # the first-use kernel build overlaps what follows
-  kind = config.get("eval_checkpoint", "latest")
   info = input_pipeline.get_dataset_info(config)
-  step = config.eval_checkpoint_step if config.eval_checkpoint_step >= 0 else None
-  model, variables, step, meta = checkpoint.load_variables(
-      config, workdir, mesh, info.image_shape, step, best=kind == "best",
-      best_metric=config.get("best_checkpoint_metric", "top1"))
+  model, variables, step, meta = checkpoint.load_evaluated(config, workdir, mesh, info.image_shape)
   if int(meta["num_classes"]) != info.num_classes:
     raise ConfigError(f"checkpoint has {meta['num_classes']} classes but dataset {config.dataset!r} has "
                       f"{info.num_classes}")
@@ -246,7 +238,7 @@ def evaluate(config, workdir, *, mesh=None) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   if confusions:
     write_confusion(os.path.join(workdir, "eval"), confusions, meta.get("class_names") or info.class_names,
-                    step=step, **report_info(config, kind))
+                    step=step, **report_info(config, config.get("eval_checkpoint", "latest")))
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
                                                 collection="eval")
   write_eval_metrics(writer, step, result)

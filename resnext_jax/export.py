@@ -88,7 +88,7 @@ def export_workdir(workdir, output, *, step=None, image_size=None, saved_model=F
     if "ema" not in variables:
       raise CheckpointError(f"checkpoint {workdir} step {step} keeps no EMA weights")
     variables = variables["ema"]
-  variables = {k: variables[k] for k in ("params", "batch_stats")}
+  variables = checkpoint.model_variables(variables)
   info = dict(model=model_name, num_classes=meta["num_classes"], step=step, ema=use_ema,
               class_names=meta.get("class_names"))
   write_artifacts(model, variables, image_shape, output, meta=info, saved_model=saved_model, platforms=platforms)

@@ -73,13 +73,10 @@ def predict(config, workdir, files, *, mesh=None) -> int:
   compilation_cache.enable_from_config(config)
   cpu.prepare(config.conv_impl)  # the first-use kernel build overlaps what follows
   image_shape = (config.image_size, config.image_size, 3)
-  step = config.eval_checkpoint_step if config.eval_checkpoint_step >= 0 else None
-  model, variables, step, meta = checkpoint.load_variables(
-      config, workdir, mesh, image_shape, step, best=config.get("eval_checkpoint", "latest") == "best",
-      best_metric=config.get("best_checkpoint_metric", "top1"))
+  model, variables, step, meta = checkpoint.load_evaluated(config, workdir, mesh, image_shape)
   names = class_names(meta, config)
   images, errors = _load_images(files, input_pipeline.eval_config(config))  # at config.eval_image_size when set
-  probs = _probabilities(model, {k: variables[k] for k in ("params", "batch_stats")},
+  probs = _probabilities(model, checkpoint.model_variables(variables),
                          [im for im in images if im is not None], config, mesh)
   k = min(config.top_k, int(meta["num_classes"]))
   it = iter(probs)
