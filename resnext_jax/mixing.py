@@ -43,9 +43,7 @@ class Mixup:
         raise ConfigError(f"config.{key} must be >= 0 (0 = off), got {value}")
     if self.mixup_alpha <= 0 and self.cutmix_alpha <= 0:
       raise ConfigError("Mixup needs config.mixup_alpha > 0 or config.cutmix_alpha > 0")
-    for key, value in (("mix_prob", self.prob), ("mix_switch_prob", self.switch_prob)):
-      if not 0 <= value <= 1:
-        raise ConfigError(f"config.{key} must be in [0, 1], got {value}")
+    _check_probabilities(self.prob, self.switch_prob)
     if not 0 <= self.label_smoothing < 1:
       raise ConfigError(f"config.label_smoothing must be in [0, 1), got {self.label_smoothing}")
     if self.num_classes < 1:
@@ -58,13 +56,17 @@ def from_config(config, num_classes: int) -> Mixup | None:
   mixup_alpha, cutmix_alpha = config.get("mixup_alpha", 0.0), config.get("cutmix_alpha", 0.0)
   prob, switch_prob = config.get("mix_prob", 1.0), config.get("mix_switch_prob", 0.5)
   if mixup_alpha == 0 and cutmix_alpha == 0:
-    for key, value in (("mix_prob", prob), ("mix_switch_prob", switch_prob)):
-      if not 0 <= value <= 1:
-        raise ConfigError(f"config.{key} must be in [0, 1], got {value}")
+    _check_probabilities(prob, switch_prob)  # checked even while off, so a typo does not wait for mixing
     return None
   return Mixup(num_classes=num_classes, mixup_alpha=float(mixup_alpha), cutmix_alpha=float(cutmix_alpha),
                prob=float(prob), switch_prob=float(switch_prob),
                label_smoothing=float(config.get("label_smoothing", 0.0)))
+
+
+def _check_probabilities(prob, switch_prob):
+  for key, value in (("mix_prob", prob), ("mix_switch_prob", switch_prob)):
+    if not 0 <= value <= 1:
+      raise ConfigError(f"config.{key} must be in [0, 1], got {value}")
 
 
 # --- Pure functions of lam and the box (timm's formulas). ---
