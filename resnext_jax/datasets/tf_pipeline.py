@@ -77,27 +77,22 @@ def train_dataset(source: sources.Source, config, *, start_step: int, process_in
     transform = functools.partial(transforms.train_pixels, augment=source.augment, size=config.image_size,
                                   crop_ratio=source.eval_crop_ratio, antialias=antialias(config),
                                   auto_augment=policy)
-  ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch)
-  if encoded:
-    if source.augment != "inception":
-      raise ConfigError(f"config.decode_on_device=True supports the Inception crop (imagenet2012, imagefolder), "
-                        f"not augment={source.augment!r}.")
-    def to_boxes(seed, ex):
-      box, flip = transforms.train_box(ex["image"], seed)
-      out = {"encoded": ex["image"], "box": box, "flip": flip, "label": tf.cast(ex["label"], tf.int32)}
-      if erasing is not None:
-        out["erase_key"] = transforms.erase_key(seed)
-      return out
-    ds = ds.map(to_boxes, num_parallel_calls=tf.data.AUTOTUNE)
-    return _finish(_spread_repeats(ds.batch(local_batch, drop_remainder=True), repeats, local_batch,
-                                   local_devices))
+  if encoded and source.augment != "inception":
+    raise ConfigError(f"config.decode_on_device=True supports the Inception crop (imagenet2012, imagefolder), "
+                      f"not augment={source.augment!r}.")
 
   def to_example(seed, ex):
-    out = {"image": transform(ex["image"], seed), "label": tf.cast(ex["label"], tf.int32)}
+    if encoded:  # the device decodes: the bytes, and the crop and flip the host would take
+      box, flip = transforms.train_box(ex["image"], seed)
+      out = {"encoded": ex["image"], "box": box, "flip": flip}
+    else:
+      out = {"image": transform(ex["image"], seed)}
+    out["label"] = tf.cast(ex["label"], tf.int32)
     if erasing is not None:
       out["erase_key"] = transforms.erase_key(seed)
     return out
 
+  ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch)
   ds = ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
   return _finish(_spread_repeats(ds.batch(local_batch, drop_remainder=True), repeats, local_batch, local_devices))
 

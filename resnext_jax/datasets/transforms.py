@@ -172,10 +172,10 @@ def train_pixels(encoded, seed, *, augment: str, size: int, crop_ratio: float | 
     image = tf.image.stateless_random_crop(image, (size, size, 3), seed=crop_seed)
   elif augment == "none":
     image = eval_pixels(encoded, size=size, crop_ratio=crop_ratio, antialias=antialias)
-    return image if auto_augment is None else auto_augment_pixels(image, seed, auto_augment)
   else:
     raise ValueError(f"Unknown augmentation {augment!r}; expected one of {AUGMENTATIONS}.")
-  image = tf.cond(flip_decision(flip_seed), lambda: tf.reverse(image, [1]), lambda: image)
+  if augment != "none":
+    image = tf.cond(flip_decision(flip_seed), lambda: tf.reverse(image, [1]), lambda: image)
   return image if auto_augment is None else auto_augment_pixels(image, seed, auto_augment)
 
 
