@@ -144,11 +144,12 @@ def evaluate_all(p_eval_step, variables, config, mesh, *, confusions: dict | Non
   return result
 
 
-def compile_ahead(p_eval_step, variables, config, mesh) -> None:
-  """Compiles p_eval_step for evaluate_all's batches before any eval input is read: on a CPU, 'auto' then times
-  the eval-mode layers while no input pipeline decodes on the same cores (evaluate_all's calls reuse it)."""
+def trace_ahead(p_eval_step, variables, config, mesh):
+  """p_eval_step traced for evaluate_all's batches before any eval input is read (jax.stages.Traced): compiled,
+  evaluate_all's calls reuse it, and on a CPU 'auto' has timed the eval-mode layers while no input pipeline
+  decoded on the same cores."""
   spec = input_pipeline.eval_batch_spec(input_pipeline.eval_config(config), mesh)
-  p_eval_step.lower(checkpoint.model_variables(variables), spec).compile()
+  return p_eval_step.trace(checkpoint.model_variables(variables), spec)
 
 
 def write_eval_metrics(writer, step: int, result: dict) -> None:

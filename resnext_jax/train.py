@@ -7,6 +7,7 @@ workdir resumes from the latest checkpoint (step, optimizer, BN statistics, EMA,
 that step) and ends exactly as an uninterrupted run would.
 """
 
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -397,11 +398,14 @@ def _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, 
       evaluate.write_confusion(workdir, confusions, meta["class_names"], step=step, **evaluate.report_info(config))
     last_eval_step = step
 
-  # Compiled before the input pipeline starts: on a CPU, 'auto' then times the layers on a machine that is not
-  # also decoding images (the first call reuses this trace and executable).
-  p_train_step.lower(state, input_pipeline.train_batch_spec(config, mesh)).compile()
-  if _evaluates(d, step):
-    evaluate.compile_ahead(p_eval_step, _eval_variables(state), config, mesh)
+  # Compiled before the input pipeline starts: on a CPU, 'auto' then times the layers of both steps together on
+  # a machine that is not also decoding images (the loop's calls reuse these traces and executables).
+  def trace_steps():
+    traced = [p_train_step.trace(state, input_pipeline.train_batch_spec(config, mesh))]
+    if _evaluates(d, step):
+      traced.append(evaluate.trace_ahead(p_eval_step, _eval_variables(state), config, mesh))
+    return traced
+  _compile_side_by_side(cpu.autotune.measure_layers(trace_steps))
   train_iter = input_pipeline.create_train_iterator(config, mesh, start_step=step)
   t0, t0_step = time.monotonic(), step
   with _preemption_watch() as should_stop:
@@ -449,6 +453,13 @@ def _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, 
     run_eval(final=True)
   print(evaluate.result_line(step, result), flush=True)
   return {"step": step, **result}
+
+
+def _compile_side_by_side(traced) -> None:
+  """Compiles jax.stages.Traced steps in parallel threads: XLA compiles without the GIL, so on a CPU host the
+  eval step's compile hides behind the train step's."""
+  with concurrent.futures.ThreadPoolExecutor(len(traced)) as pool:
+    list(pool.map(lambda t: t.lower().compile(), traced))
 
 
 def _evaluates(d, step: int) -> bool:

@@ -114,3 +114,29 @@ def test_eval_mode_layers_are_chosen_by_their_forward_alone():
   assert eval_sigs and len(eval_sigs) == len(train_sigs)
   assert all(" fwd " in s for s in eval_sigs), eval_sigs
   assert all(" fwd+bwd " in s for s in train_sigs), train_sigs
+
+
+def test_layers_met_in_a_trace_are_timed_together_then_traced_again(measuring, monkeypatch):
+  """measure_layers: a dry pass collects the layers, all candidates of all layers compile before any is timed,
+  and the second pass (not the cached dry trace) runs the measured choices; run again, one pass, no timing."""
+  events, chosen = [], []
+  compile_, seconds = autotune._compile, autotune._seconds  # pylint: disable=protected-access
+  monkeypatch.setattr(autotune, "_compile", lambda *a: events.append("compile") or compile_(*a))
+  monkeypatch.setattr(autotune, "_seconds", lambda *a: events.append("time") or seconds(*a))
+
+  def layer(x, op):
+    chosen.append(autotune.choose(op, _candidates(), (x,), default="slow"))
+    return _candidates()[chosen[-1]](x)
+
+  step = jax.jit(lambda x: layer(layer(x, "toy a"), "toy b"))
+  x = jnp.ones((64, 128))
+  traced = autotune.measure_layers(lambda: step.trace(x))
+  assert chosen == ["slow", "slow", "fast", "fast"]  # the dry pass's defaults, then the measured choices
+  assert events == ["compile"] * 4 + ["time"] * 4
+  assert "tanh" in str(traced.jaxpr) and "dot_general" not in str(traced.jaxpr)
+  assert "dot_general" not in str(step.trace(x).jaxpr)  # the dry trace is not what a later call reuses
+  assert len(json.loads(measuring.read_text())) == 2
+
+  events.clear(), chosen.clear()
+  autotune.measure_layers(lambda: jax.jit(lambda x: layer(x, "toy a")).trace(x))
+  assert chosen == ["fast"] and not events  # measured before: a single pass

@@ -143,7 +143,7 @@ def test_train_batch_spec_is_what_the_iterator_yields(data_dir, overrides):
 @pytest.mark.parametrize("overrides", [
     dict(), dict(input_transform="legacy"), dict(dataset="synthetic", synthetic_num_examples=50)])
 def test_eval_batch_spec_is_what_the_iterator_yields(data_dir, overrides):
-  """As above, for the eval step (evaluate.compile_ahead)."""
+  """As above, for the eval step (evaluate.trace_ahead)."""
   config = digits_pipeline_config(data_dir, image_size=24, eval_batch_size=32, **overrides)
   _assert_matches(next(input_pipeline.create_eval_iterator(config, data_mesh())),
                   input_pipeline.eval_batch_spec(config, data_mesh()))

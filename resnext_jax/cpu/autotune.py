@@ -14,6 +14,8 @@ and jax's version; later runs read it and time nothing.
   hosts may time differently.
 - Processes on one machine agree: a choice in the cache file is never replaced; a process that timed a layer
   another process has recorded meanwhile takes the recorded choice.
+- `measure_layers(trace)` times every layer a trace meets together (the jobs trace their steps in it): all
+  candidates of all layers compile side by side, rather than one layer's few at a time.
 - `explain()` collects every decision (layer, candidates, milliseconds, reason) while a model is traced:
   `python -m resnext_jax.summary MODEL --explain` prints them.
 """
@@ -27,6 +29,7 @@ import os
 import threading
 import time
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,8 +95,49 @@ def choose(op, candidates, args, default, *, batched=(0,), backward=True):
     _memory[signature] = recorded
     return _decided(op, signature, recorded, "measured on this machine before (cache)")
   structs = [_shrink(a, i in batched) for i, a in enumerate(args)]
+  pending = getattr(_local, "pending", None)
+  if pending is not None:  # measure_layers' dry pass: timed with the others when the pass ends
+    pending.setdefault(signature, (op, candidates, structs, backward))
+    return default
   with concurrent.futures.ThreadPoolExecutor(1) as pool:  # outside the caller's trace (trace state is per thread)
-    times = pool.submit(_time_all, candidates, structs, backward).result()
+    times = pool.submit(_time_layers, [(candidates, structs, backward)]).result()[0]
+  return _keep_fastest(op, signature, times)
+
+
+def measure_layers(trace):
+  """trace() (tracing steps), with every layer it meets that needs timing timed together; returns its result.
+
+  trace() runs first as a dry pass: choose() collects each layer it would time and answers the recorded
+  default. Then every candidate of every collected layer is compiled in one pool over all cores and timed,
+  one after another, and the choices are recorded; jax.clear_caches() drops the dry traces and trace() runs
+  again, now taking the measured choices. Where nothing needed timing (cached, or measuring off) the dry pass
+  was the real one: one trace, nothing dropped.
+
+  Why: one layer's 2-4 candidates compiled at a time left a core idle most of the time (a grouped conv's
+  'matmul' candidate compiles in 1.3-2.5 s, its 'kernel' in 0.1 s): the digits demo's 48 layers took 26 s to
+  time one by one, 2-core AVX2 EPYC.
+  """
+  _local.pending = {}
+  try:
+    result = trace()
+  finally:
+    pending, _local.pending = _local.pending, None
+  if not pending:
+    return result
+  start = time.perf_counter()
+  layers = list(pending.items())
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:  # outside any trace of the caller's
+    times = pool.submit(_time_layers, [layer[1:] for _, layer in layers]).result()
+  for (signature, (op, *_)), layer_times in zip(layers, times):
+    _keep_fastest(op, signature, layer_times)
+  logging.info("auto: timed %d layer shapes on this machine in %.1f s (cached in %s)", len(layers),
+               time.perf_counter() - start, cache_path())
+  jax.clear_caches()
+  return trace()
+
+
+def _keep_fastest(op, signature, times):
+  """Records the fastest of `times` ({name: seconds}) unless another process recorded a choice first."""
   fastest = min(times, key=times.get)
   choice = _record(signature, fastest)
   _memory[signature] = choice
@@ -126,26 +170,41 @@ def _shrink(a, batched):
   return jax.ShapeDtypeStruct(shape, a.dtype)
 
 
-def _time_all(candidates, structs, backward):
-  """Seconds per candidate: compiled side by side (compiling dominates; XLA compiles without the GIL), then
-  timed one after another."""
-  rng = np.random.default_rng(0)
-  arrays = [jnp.asarray(rng.standard_normal(s.shape, np.float32), s.dtype) for s in structs]
-  if backward:  # the output's cotangent, an argument (as a closed-over constant XLA would fold it for minutes)
-    out = jax.eval_shape(next(iter(candidates.values())), *arrays)
-    arrays.append(jnp.asarray(rng.standard_normal(out.shape, np.float32)))
+def _time_layers(layers):
+  """Seconds per candidate for each of `layers` ([(candidates, structs, backward)]): every candidate compiled
+  side by side (compiling dominates; XLA compiles without the GIL), then timed one after another, on random
+  arguments made one layer at a time."""
+  operands = [_operands(next(iter(c.values())), structs, backward) for c, structs, backward in layers]
+  jobs = [(i, name, fn) for i, (candidates, _, _) in enumerate(layers) for name, fn in candidates.items()]
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-    compiled = dict(zip(candidates, pool.map(lambda fn: _compile(fn, arrays, backward), candidates.values())))
-  return {name: _seconds(fn, arrays) for name, fn in compiled.items()}
+    compiled = list(pool.map(lambda job: _compile(job[2], operands[job[0]], layers[job[0]][2]), jobs))
+  times, arrays = [{} for _ in layers], {}
+  for (i, name, _), executable in zip(jobs, compiled):
+    arrays = arrays if i in arrays else {i: _random(operands[i])}
+    times[i][name] = _seconds(executable, arrays[i])
+  return times
 
 
-def _compile(fn, arrays, backward):
-  """fn (with `backward`: the gradient of <fn(*args), cotangent>, the last argument) compiled as the steps are."""
+def _operands(fn, structs, backward):
+  """The arguments, and with `backward` the output's cotangent (an argument: as a closed-over constant XLA
+  would fold it for minutes)."""
+  if not backward:
+    return structs
+  return [*structs, jax.ShapeDtypeStruct(jax.eval_shape(fn, *structs).shape, jnp.float32)]
+
+
+def _random(structs):
+  rng = np.random.default_rng(0)
+  return [jnp.asarray(rng.standard_normal(s.shape, np.float32), s.dtype) for s in structs]
+
+
+def _compile(fn, operands, backward):
+  """fn (with `backward`: the gradient of <fn(*args), cotangent>, the last operand) compiled as the steps are."""
   run = fn
   if backward:
     loss = lambda *a: jnp.vdot(fn(*a[:-1]).astype(jnp.float32), a[-1])
-    run = jax.grad(loss, argnums=tuple(range(len(arrays) - 1)))
-  return jax.jit(run, compiler_options=options.compiler_options()).lower(*arrays).compile()
+    run = jax.grad(loss, argnums=tuple(range(len(operands) - 1)))
+  return jax.jit(run, compiler_options=options.compiler_options()).lower(*operands).compile()
 
 
 def _seconds(compiled, arrays):
