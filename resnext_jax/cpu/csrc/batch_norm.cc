@@ -23,6 +23,7 @@
 namespace ffi = xla::ffi;
 using namespace resnext_jax;  // NOLINT: parallel.h and vec.h helpers
 
+namespace batch_norm_kernels {  // named: build.py may compile the sources as one translation unit
 namespace {
 
 constexpr int64_t kBlockRows = 64;
@@ -224,13 +225,14 @@ ffi::Error GradApply(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<
 }
 
 }  // namespace
+}  // namespace batch_norm_kernels
 
 using F32 = ffi::Buffer<ffi::F32>;
 using F32Out = ffi::ResultBuffer<ffi::F32>;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormStats, Stats,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormStats, batch_norm_kernels::Stats,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Ret<F32>().Ret<F32>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormApply, Apply,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormApply, batch_norm_kernels::Apply,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>()
@@ -240,7 +242,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormApply, Apply,
                                   .Ret<F32>()
                                   .Attr<bool>("relu")
                                   .Attr<bool>("add_shortcut"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormGradStats, GradStats,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormGradStats, batch_norm_kernels::GradStats,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>()
@@ -250,7 +252,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormGradStats, GradStats,
                                   .Ret<F32>()
                                   .Ret<F32>()
                                   .Attr<bool>("relu"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormGradApply, GradApply,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormGradApply, batch_norm_kernels::GradApply,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>()

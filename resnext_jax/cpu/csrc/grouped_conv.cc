@@ -35,6 +35,7 @@
 namespace ffi = xla::ffi;
 using namespace resnext_jax;  // NOLINT: parallel.h and vec.h helpers
 
+namespace grouped_conv_kernels {  // named: build.py may compile the sources as one translation unit
 namespace {
 
 // ---------------------------------------------------------------------------------------------------------
@@ -756,6 +757,7 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F
 }
 
 }  // namespace
+}  // namespace grouped_conv_kernels
 
 #define BIND_CONV                       \
   ffi::Ffi::Bind()                      \
@@ -768,6 +770,6 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F
       .Attr<int64_t>("pt")              \
       .Attr<int64_t>("pl")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvForward, Run<Op::kForward>, BIND_CONV);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvInputGrad, Run<Op::kInputGrad>, BIND_CONV);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvKernelGrad, Run<Op::kKernelGrad>, BIND_CONV);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvForward, grouped_conv_kernels::Run<grouped_conv_kernels::Op::kForward>, BIND_CONV);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvInputGrad, grouped_conv_kernels::Run<grouped_conv_kernels::Op::kInputGrad>, BIND_CONV);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvKernelGrad, grouped_conv_kernels::Run<grouped_conv_kernels::Op::kKernelGrad>, BIND_CONV);

@@ -24,6 +24,7 @@
 namespace ffi = xla::ffi;
 using namespace resnext_jax;  // NOLINT: parallel.h and vec.h helpers
 
+namespace matmul_kernels {  // named: build.py may compile the sources as one translation unit
 namespace {
 
 using Array = ffi::Buffer<ffi::F32>;      // any rank
@@ -277,8 +278,12 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, Array x, Array dy, ffi::Result<Matri
 }
 
 }  // namespace
+}  // namespace matmul_kernels
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MatMulForward, Forward,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Array>().Arg<Matrix>().Ret<Array>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MatMulKernelGrad, KernelGrad,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Array>().Arg<Array>().Ret<Matrix>());
+using MatMulArray = matmul_kernels::Array;
+using MatMulMatrix = matmul_kernels::Matrix;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MatMulForward, matmul_kernels::Forward,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<MatMulArray>().Arg<MatMulMatrix>().Ret<MatMulArray>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MatMulKernelGrad, matmul_kernels::KernelGrad,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<MatMulArray>().Arg<MatMulArray>().Ret<MatMulMatrix>());

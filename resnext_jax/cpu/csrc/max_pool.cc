@@ -17,6 +17,7 @@
 namespace ffi = xla::ffi;
 using namespace resnext_jax;  // NOLINT: parallel.h and vec.h helpers
 
+namespace max_pool_kernels {  // named: build.py may compile the sources as one translation unit
 namespace {
 
 // Steps of the pool for one float or kLanes channels (see vec.h).
@@ -126,16 +127,17 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 }
 
 }  // namespace
+}  // namespace max_pool_kernels
 
 #define POOL_ATTRS .Attr<int64_t>("kh").Attr<int64_t>("kw").Attr<int64_t>("sh").Attr<int64_t>("sw") \
     .Attr<int64_t>("pt").Attr<int64_t>("pl")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolForward, Forward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolForward, max_pool_kernels::Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() POOL_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolBackward, Backward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolBackward, max_pool_kernels::Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
