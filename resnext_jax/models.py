@@ -159,20 +159,24 @@ class ResNeXt(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, features: bool = False):
     precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    # Initialising, only the parameters' shapes matter (every impl makes the same ones): XLA's ops, so that
+    # init neither waits for the CPU kernels' first-use build nor times layers.
+    conv_impl = "xla" if self.is_initializing() else self.conv_impl
+    kernel_impl = _kernel_impl(conv_impl)  # batch norm's and max pooling's
     # In eval mode no gradient is taken: 'auto' then times each layer's forward alone (layers/conv.py).
-    conv = functools.partial(Conv, use_bias=False, impl=self.conv_impl, backward=train, **precision)
-    branch_conv = functools.partial(BranchConv, impl=self.conv_impl, backward=train, **precision)
+    conv = functools.partial(Conv, use_bias=False, impl=conv_impl, backward=train, **precision)
+    branch_conv = functools.partial(BranchConv, impl=conv_impl, backward=train, **precision)
     # torchvision's BatchNorm2d: eps 1e-5, PyTorch momentum 0.1 (= Flax 0.9). Flax keeps the statistics in
     # float32 whatever dtype is; under jit over a sharded batch the batch mean is already global (synced BN).
     def norm(stage):
       frozen = stage < self.frozen_stages
       return functools.partial(BatchNorm, use_running_average=not train or frozen, momentum=0.9,
-                               epsilon=1e-5, impl=self._kernel_impl(), **precision)
+                               epsilon=1e-5, impl=kernel_impl, **precision)
 
     def freeze(y, stage):
       return jax.lax.stop_gradient(y) if stage < self.frozen_stages else y
 
-    outputs = {"stem": freeze(self._stem(x, conv, norm(0), backward=train), 0)}
+    outputs = {"stem": freeze(self._stem(x, conv, norm(0), kernel_impl, backward=train), 0)}
     y = outputs["stem"]
     num_blocks_total, block_index = sum(self.stage_sizes), 0
     for i, (num_blocks, planes) in enumerate(zip(self.stage_sizes, self.planes)):
@@ -193,20 +197,20 @@ class ResNeXt(nn.Module):
                  name="fc", **precision)(y)
     return y.astype(jnp.promote_types(self.dtype, jnp.float32))  # logits: float32 at least
 
-  def _kernel_impl(self):
-    """Batch norm and max pooling run on our CPU kernels where the convolutions may ('auto', 'kernel'); a
-    portable conv impl ('xla', 'blockdiag', 'matmul') keeps the whole model in XLA's ops (see export.py)."""
-    return "auto" if self.conv_impl in ("auto", "kernel") else "xla"
-
-  def _stem(self, x, conv, norm, backward=True):
+  def _stem(self, x, conv, norm, pool_impl, backward=True):
     x = x.astype(self.dtype)
     if self.stem == "cifar":
       x = conv(self.stem_width, (3, 3), padding=((1, 1), (1, 1)), name="conv1")(x)
       return norm(name="bn1")(x, relu=True)
     x = conv(self.stem_width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name="conv1")(x)
     x = norm(name="bn1")(x, relu=True)
-    return pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), impl=self._kernel_impl(),
-                            backward=backward)
+    return pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), impl=pool_impl, backward=backward)
+
+
+def _kernel_impl(conv_impl):
+  """Batch norm and max pooling run on our CPU kernels where the convolutions may ('auto', 'kernel'); a
+  portable conv impl ('xla', 'blockdiag', 'matmul') keeps the whole model in XLA's ops (see export.py)."""
+  return "auto" if conv_impl in ("auto", "kernel") else "xla"
 
 
 # ---------------------------------------------------------------------------------------------------

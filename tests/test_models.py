@@ -167,3 +167,14 @@ def test_cardinality_must_divide_the_channels():
   conv = Conv(features=100, kernel_size=(3, 3), feature_group_count=32)
   with pytest.raises(ValueError, match="groups=32 must divide"):
     conv.init(jax.random.key(0), jnp.zeros((1, 8, 8, 128)))
+
+
+def test_init_never_asks_for_the_cpu_kernels(monkeypatch):
+  """Initialising traces XLA's ops only: every impl makes the same parameters, and a job's init then runs
+  while the kernels' first-use build is still going (train.py starts it in the background)."""
+  from resnext_jax.cpu import build  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(build, "load", lambda: pytest.fail("init asked for the CPU kernels"))
+  x = jnp.zeros((2, 32, 32, 3))
+  variables = models.create_model("resnext50_32x4d", num_classes=10).init(jax.random.key(0), x)
+  portable = models.create_model("resnext50_32x4d", num_classes=10, conv_impl="xla").init(jax.random.key(0), x)
+  assert jax.tree.all(jax.tree.map(lambda a, b: a.shape == b.shape and bool(jnp.all(a == b)), variables, portable))
