@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 from resnext_jax import compilation_cache
+from resnext_jax import cpu
 from resnext_jax import input_benchmark
 from resnext_jax import models
 from resnext_jax import summary
@@ -127,7 +128,7 @@ def benchmark_jax(args):
     step = evaluate.compile_eval_step(model, mesh)
     state = {"params": state.params, "batch_stats": state.batch_stats}
   start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = cpu.autotune.measure_layers(lambda: step.trace(state, batch)).lower().compile()
   compile_seconds = time.perf_counter() - start
   if args.mode == "train":
     run = lambda s: compiled(s, batch)

@@ -234,8 +234,10 @@ def evaluate(config, workdir, *, mesh=None) -> dict[str, Any]:
     raise ConfigError(f"checkpoint has {meta['num_classes']} classes but dataset {config.dataset!r} has "
                       f"{info.num_classes}")
   confusions = {} if config.get("eval_confusion_matrix", True) else None
-  result = evaluate_all(compile_eval_step(model, mesh, flip_tta=config.get("eval_flip_tta", False)), variables,
-                        config, mesh, confusions=confusions, num_classes=int(meta["num_classes"]))
+  p_eval_step = compile_eval_step(model, mesh, flip_tta=config.get("eval_flip_tta", False))
+  cpu.autotune.measure_layers(lambda: trace_ahead(p_eval_step, variables, config, mesh)).lower().compile()
+  result = evaluate_all(p_eval_step, variables, config, mesh, confusions=confusions,
+                        num_classes=int(meta["num_classes"]))
   os.makedirs(workdir, exist_ok=True)
   if confusions:
     write_confusion(os.path.join(workdir, "eval"), confusions, meta.get("class_names") or info.class_names,

@@ -75,7 +75,7 @@ def host_cores() -> int:
 
 def run(config, args, *, steps: int) -> dict:
   """The three measurements for `config` (model options and data already set)."""
-  from resnext_jax import input_pipeline, models, optim, runtime, train  # pylint: disable=import-outside-toplevel
+  from resnext_jax import cpu, input_pipeline, models, optim, runtime, train  # pylint: disable=import-outside-toplevel
 
   mesh = runtime.make_mesh()
   runtime.check_batch_size("--batch-size", config.batch_size, mesh)
@@ -91,7 +91,7 @@ def run(config, args, *, steps: int) -> dict:
                              runtime.batch_sharded(mesh))
   step = train.compile_train_step(config, model, tx, schedule, mesh, state_sharding)
   start = time.perf_counter()
-  compiled = step.lower(state, synthetic).compile()
+  compiled = cpu.autotune.measure_layers(lambda: step.trace(state, synthetic)).lower().compile()
   compile_seconds = time.perf_counter() - start
 
   # Step only: a synthetic batch kept on the device.
