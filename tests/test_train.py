@@ -160,6 +160,25 @@ def test_digits_train_eval_predict(tmp_path, digits_dir, capsys, monkeypatch):
     assert top[0]["prob"] >= top[-1]["prob"] and 0 < sum(t["prob"] for t in top) <= 1 + 1e-6
 
 
+def test_measuring_layers_traces_each_step_twice_then_never_again(tmp_path, digits_dir, monkeypatch):
+  """With 'auto' measuring (a fresh choices file), the job traces both steps once dry, times every layer they
+  meet together, and traces them once more with the measured choices; the loop and its evals reuse those."""
+  from resnext_jax.cpu import autotune  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("RESNEXT_JAX_AUTOTUNE", "on")
+  monkeypatch.setattr(autotune, "cache_path", lambda: str(tmp_path / "choices.json"))
+  monkeypatch.setattr(autotune, "_memory", {})
+  traces = []
+  step, eval_step = train.train_step, evaluate.eval_step
+  monkeypatch.setattr(train, "train_step", lambda *a, **k: traces.append("train") or step(*a, **k))
+  monkeypatch.setattr(evaluate, "eval_step", lambda *a, **k: traces.append("eval") or eval_step(*a, **k))
+  config = tiny_config(dataset="sklearn_digits", data_dir=digits_dir, num_train_steps=4, batch_size=32,
+                       eval_batch_size=64, image_size=16, eval_every_steps=2)
+  train.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert traces == ["train", "eval"] * 2, f"steps traced: {traces}"
+  choices = json.loads((tmp_path / "choices.json").read_text())
+  assert any(" fwd+bwd " in k for k in choices) and any(" fwd " in k for k in choices), choices
+
+
 def test_converted_checkpoint_eval_and_predict(tmp_path, digits_dir, capsys):
   """A converted (torchvision-style) checkpoint: 'model' and 'meta' only, at step 0, no training state."""
   config = tiny_config(dataset="sklearn_digits", data_dir=digits_dir, image_size=16, eval_batch_size=64)
