@@ -129,7 +129,9 @@ def evaluate_all(p_eval_step, variables, config, mesh, *, confusions: dict | Non
   confusions: a dict to fill with (num_classes, num_classes) int64 confusion matrices, under '' (the weights)
   and 'ema_'.
   """
-  weights = [("", checkpoint.model_variables(variables))] + ([("ema_", variables["ema"])] if variables.get("ema") is not None else [])
+  weights = [("", checkpoint.model_variables(variables))]
+  if variables.get("ema") is not None:
+    weights.append(("ema_", variables["ema"]))
   config_for_eval = input_pipeline.eval_config(config)
   result = {}
   for prefix, v in weights:

@@ -114,8 +114,8 @@ def measure_layers(trace):
   was the real one: one trace, nothing dropped.
 
   Why: one layer's 2-4 candidates compiled at a time left a core idle most of the time (a grouped conv's
-  'matmul' candidate compiles in 1.3-2.5 s, its 'kernel' in 0.1 s): the digits demo's 48 layers took 26 s to
-  time one by one, 2-core AVX2 EPYC.
+  'matmul' candidate compiles in 1.3-2.5 s, its 'kernel' in 0.1 s). The digits demo's 48 layers, 2-core AVX2
+  EPYC: 26-30 s one by one, 23-26 s together (XLA's compiles already use both cores in part).
   """
   _local.pending = {}
   try:
@@ -178,10 +178,11 @@ def _time_layers(layers):
   jobs = [(i, name, fn) for i, (candidates, _, _) in enumerate(layers) for name, fn in candidates.items()]
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
     compiled = list(pool.map(lambda job: _compile(job[2], operands[job[0]], layers[job[0]][2]), jobs))
-  times, arrays = [{} for _ in layers], {}
+  times, current, arrays = [{} for _ in layers], None, None
   for (i, name, _), executable in zip(jobs, compiled):
-    arrays = arrays if i in arrays else {i: _random(operands[i])}
-    times[i][name] = _seconds(executable, arrays[i])
+    if i != current:  # the jobs are in layer order: one layer's random arguments alive at a time
+      current, arrays = i, _random(operands[i])
+    times[i][name] = _seconds(executable, arrays)
   return times
 
 

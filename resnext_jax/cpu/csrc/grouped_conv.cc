@@ -770,6 +770,8 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F
       .Attr<int64_t>("pt")              \
       .Attr<int64_t>("pl")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvForward, grouped_conv_kernels::Run<grouped_conv_kernels::Op::kForward>, BIND_CONV);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvInputGrad, grouped_conv_kernels::Run<grouped_conv_kernels::Op::kInputGrad>, BIND_CONV);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvKernelGrad, grouped_conv_kernels::Run<grouped_conv_kernels::Op::kKernelGrad>, BIND_CONV);
+#define CONV_RUN(op) grouped_conv_kernels::Run<grouped_conv_kernels::Op::op>
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvForward, CONV_RUN(kForward), BIND_CONV);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvInputGrad, CONV_RUN(kInputGrad), BIND_CONV);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvKernelGrad, CONV_RUN(kKernelGrad), BIND_CONV);

@@ -284,6 +284,14 @@ using MatMulArray = matmul_kernels::Array;
 using MatMulMatrix = matmul_kernels::Matrix;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MatMulForward, matmul_kernels::Forward,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<MatMulArray>().Arg<MatMulMatrix>().Ret<MatMulArray>());
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<MatMulArray>()
+                                  .Arg<MatMulMatrix>()
+                                  .Ret<MatMulArray>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MatMulKernelGrad, matmul_kernels::KernelGrad,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<MatMulArray>().Arg<MatMulArray>().Ret<MatMulMatrix>());
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<MatMulArray>()
+                                  .Arg<MatMulArray>()
+                                  .Ret<MatMulMatrix>());
