@@ -44,6 +44,13 @@ def test_times_the_candidates_and_keeps_the_fastest(measuring):
   assert list(json.loads(measuring.read_text()).values()) == ["fast"]
 
 
+def test_candidates_compile_with_the_timing_options(measuring, monkeypatch):
+  """The layer programs take options.timing_options(): an option XLA rejects there fails the timing."""
+  monkeypatch.setattr(autotune.options, "timing_options", lambda: {"xla_cpu_use_fusion_emitters": "NOT_A_BOOL"})
+  with pytest.raises(Exception, match="xla_cpu_use_fusion_emitters"):
+    autotune.choose("toy", _candidates(), (jax.ShapeDtypeStruct((64, 128), jnp.float32),), default="slow")
+
+
 def test_a_recorded_choice_is_used_and_never_replaced(measuring):
   """Another process (or an earlier run) recorded 'slow': this one takes it, so processes agree."""
   x = jax.ShapeDtypeStruct((64, 128), jnp.float32)

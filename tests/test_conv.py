@@ -158,11 +158,18 @@ def test_compiler_options_only_on_cpu_and_user_flags_win(monkeypatch):
 def test_compiler_options_dropped_where_xla_rejects_them(monkeypatch):
   """An older jaxlib without the (experimental) option trains with XLA's defaults rather than failing."""
   monkeypatch.setattr(options, "_CPU_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"})
-  options._cpu_options_supported.cache_clear()
-  try:
-    assert cpu.compiler_options("cpu") == {}
-  finally:
-    options._cpu_options_supported.cache_clear()
+  monkeypatch.setattr(options, "_TIMING_OPTIONS", {"xla_cpu_use_fusion_emitters": "NOT_A_BOOL",
+                                                   "xla_cpu_enable_fast_math": False})
+  assert cpu.compiler_options("cpu") == {}
+  assert options.timing_options("cpu") == {"xla_cpu_enable_fast_math": False}  # the one XLA accepts stays
+
+
+def test_layer_timing_compiles_with_the_steps_options_and_the_faster_emitters(monkeypatch):
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  assert options.timing_options("cpu") == {**cpu.compiler_options("cpu"), "xla_cpu_use_fusion_emitters": False}
+  assert options.timing_options("gpu") == {}
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=true")
+  assert options.timing_options("cpu") == cpu.compiler_options("cpu")
 
 
 def test_compiler_options_compile_and_reach_xla():

@@ -4,7 +4,7 @@ Why: which implementation is fastest depends on the machine. Our kernels, tuned 
 4x faster than XLA's formulations there and 10x slower on an AVX2 one (docs/performance.md); a table written
 on one machine is wrong on another. So on a CPU, the first time a layer shape is traced, `choose` times every
 candidate (forward and backward, the work of a train step; forward only for inference-only layers) with the
-steps' compiler options on up to 8 images of that shape, keeps the fastest and caches the choice beside the
+steps' compiler options (plus faster-compiling emitters, cpu/options.py) on up to 8 images of that shape, keeps the fastest and caches the choice beside the
 kernel library. The cache is keyed by this machine's kernel library (sources, compiler, target ISA, jaxlib)
 and jax's version; later runs read it and time nothing.
 
@@ -200,12 +200,13 @@ def _random(structs):
 
 
 def _compile(fn, operands, backward):
-  """fn (with `backward`: the gradient of <fn(*args), cotangent>, the last operand) compiled as the steps are."""
+  """fn (with `backward`: the gradient of <fn(*args), cotangent>, the last operand) compiled with the steps'
+  options, and emitters that compile faster and run the same (options.timing_options)."""
   run = fn
   if backward:
     loss = lambda *a: jnp.vdot(fn(*a[:-1]).astype(jnp.float32), a[-1])
     run = jax.grad(loss, argnums=tuple(range(len(operands) - 1)))
-  return jax.jit(run, compiler_options=options.compiler_options()).lower(*operands).compile()
+  return jax.jit(run, compiler_options=options.timing_options()).lower(*operands).compile()
 
 
 def _seconds(compiled, arrays):
