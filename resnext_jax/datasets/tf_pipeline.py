@@ -193,8 +193,20 @@ def _map(ds: tf.data.Dataset, fn, **kwargs) -> tf.data.Dataset:
 
 
 def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """Deterministic order, prefetching; tf.data's model-based autotuning off (it stalls a job's exit, below).
+
+  With autotuning on, each iterator runs a model thread that re-optimises after waiting a period that doubles up
+  to 60 s, and destroying the iterator waits for that thread. TF 2.21 at times misses the wake-up, so dropping
+  the endless train iterator at the end of training stalled the main thread, holding the GIL, until the period
+  ran out: 23-45 s of idle time after the result line in 4 of 14 fresh digits runs (gdb: the main thread in
+  ~RootDataset::Iterator, the tf_data_model thread in Model::OptimizeLoop's timed wait), and at preemption
+  the same stall comes before the last checkpoint's write is awaited. Without the model, AUTOTUNE maps run one
+  call per thread of the pool (the parallelism autotuning converges to on a host that only feeds the
+  accelerator) and AUTOTUNE prefetch buffers still grow on demand (TF's prefetch autotuner).
+  """
   options = tf.data.Options()
   options.deterministic = True  # parallel map and interleave still keep the order: the stream is reproducible
+  options.autotune.enabled = False
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
