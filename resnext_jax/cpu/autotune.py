@@ -4,9 +4,9 @@ Why: which implementation is fastest depends on the machine. Our kernels, tuned 
 4x faster than XLA's formulations there and 10x slower on an AVX2 one (docs/performance.md); a table written
 on one machine is wrong on another. So on a CPU, the first time a layer shape is traced, `choose` times every
 candidate (forward and backward, the work of a train step; forward only for inference-only layers) with the
-steps' compiler options (plus faster-compiling emitters, cpu/options.py) on up to 8 images of that shape, keeps the fastest and caches the choice beside the
-kernel library. The cache is keyed by this machine's kernel library (sources, compiler, target ISA, jaxlib)
-and jax's version; later runs read it and time nothing.
+steps' compiler options (plus faster-compiling emitters, cpu/options.py) on up to 8 images of that shape,
+keeps the fastest and caches the choice beside the kernel library. The cache is keyed by this machine's
+kernel library (sources, compiler, target ISA, jaxlib) and jax's version; later runs read it and time nothing.
 
 - $RESNEXT_JAX_AUTOTUNE=off (or `using_table()`) uses each layer's recorded default instead of timing:
   deterministic and free, for tests and for tracing that only needs shapes (summary, init).

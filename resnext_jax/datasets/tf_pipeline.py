@@ -198,7 +198,7 @@ def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:
   With autotuning on, each iterator runs a model thread that re-optimises after waiting a period that doubles up
   to 60 s, and destroying the iterator waits for that thread. TF 2.21 at times misses the wake-up, so dropping
   the endless train iterator at the end of training stalled the main thread, holding the GIL, until the period
-  ran out: 23-45 s of idle time after the result line in 4 of 14 fresh digits runs (gdb: the main thread in
+  ran out: 34-40 s of idle time after the result line in 5 of 18 fresh digits runs (gdb: the main thread in
   ~RootDataset::Iterator, the tf_data_model thread in Model::OptimizeLoop's timed wait), and at preemption
   the same stall comes before the last checkpoint's write is awaited. Without the model, AUTOTUNE maps run one
   call per thread of the pool (the parallelism autotuning converges to on a host that only feeds the
