@@ -1,6 +1,7 @@
 """Input pipeline on the real sklearn_digits data: batches, determinism, resume, exact evaluation, errors."""
 
 import collections
+import functools
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from conftest import data_mesh, digits_pipeline_config, take
 from resnext_jax import errors
 from resnext_jax import input_pipeline
 from resnext_jax.datasets import sources
+from resnext_jax.datasets import transforms
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TEST = 299
@@ -115,6 +117,29 @@ def test_train_processes_read_disjoint_parts(data_dir):
     assert all(b["image"].shape == (64, 32, 32, 3) for b in batches)
     images.append({img.tobytes() for b in batches for img in b["image"]})
   assert len(images[0] & images[1]) < 5  # only accidental duplicate digits are shared
+
+
+@pytest.mark.parametrize("augment", ["none", "cifar"])
+def test_cache_keeps_decoded_pixels_and_the_same_stream(data_dir, augment):
+  """config.cache keeps the seed-free part of the transform (decoded pixels), not the bytes: later epochs do not
+  decode again, and every batch, train (across an epoch boundary, resumed too) and eval, is what it was."""
+  config = digits_pipeline_config(data_dir, augment=augment, batch_size=128, eval_batch_size=128)
+  cached = digits_pipeline_config(data_dir, augment=augment, batch_size=128, eval_batch_size=128, cache=True)
+  source = sources.get_source(cached)
+  records = source.builder.as_dataset(split="train", decoders={"image": tfds.decode.SkipDecoding()})
+  kept = input_pipeline._tf_side()._cache(records, functools.partial(
+      transforms.seedless_pixels, augment=augment, size=32, crop_ratio=None))
+  assert kept.element_spec["pixels"].shape == (32, 32, 3) and "image" not in kept.element_spec
+  steps = 1498 // 128 + 2  # into the second epoch, read from the cache
+  for start in (0, 5):
+    want, got = (take(input_pipeline.create_train_iterator(c, data_mesh(), start_step=start), steps - start)
+                 for c in (config, cached))
+    for a, b in zip(want, got):
+      np.testing.assert_array_equal(a["image"], b["image"])
+      np.testing.assert_array_equal(a["label"], b["label"])
+  for a, b in zip(*(list(input_pipeline.create_eval_iterator(c, data_mesh())) for c in (config, cached))):
+    for k in ("image", "label", "mask"):
+      np.testing.assert_array_equal(a[k], b[k])
 
 
 def test_preprocess_eval_image_matches_the_eval_stream(data_dir):

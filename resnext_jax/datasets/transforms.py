@@ -157,26 +157,42 @@ def normalize(pixels: tf.Tensor, mean, std) -> tf.Tensor:
 
 
 def train_pixels(encoded, seed, *, augment: str, size: int, crop_ratio: float | None,
-                 antialias: bool = False, auto_augment=None) -> tf.Tensor:
+                 antialias: bool = False, auto_augment=None, pixels=None) -> tf.Tensor:
   """Training transform -> uint8 (size, size, 3); seed is a (2,) int tensor, augment one of AUGMENTATIONS.
 
   auto_augment: None, or an `augment.RandAugment` / `augment.TrivialAugment` policy applied last, on the uint8
-  pixels (timm's and torchvision's order: crop, flip, auto-augment), see auto_augment_pixels."""
+  pixels (timm's and torchvision's order: crop, flip, auto-augment), see auto_augment_pixels.
+  pixels: seedless_pixels(encoded, ...) made earlier (a cache of decoded images), used instead of `encoded`."""
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+  if augment not in AUGMENTATIONS:
+    raise ValueError(f"Unknown augmentation {augment!r}; expected one of {AUGMENTATIONS}.")
   if augment == "inception":
     window = decode_window(encoded, inception_window(crop_seed), decode_min_size(size, antialias))
     image = to_uint8(resize(window, size, antialias))
-  elif augment == "cifar":  # pad by size/8 (4 px at 32), random crop back, as in the ResNet/ResNeXt CIFAR recipe
-    pad = size // 8
-    image = tf.pad(_resize_whole(decode(encoded), size, antialias), [[pad, pad], [pad, pad], [0, 0]])
-    image = tf.image.stateless_random_crop(image, (size, size, 3), seed=crop_seed)
-  elif augment == "none":
-    image = eval_pixels(encoded, size=size, crop_ratio=crop_ratio, antialias=antialias)
   else:
-    raise ValueError(f"Unknown augmentation {augment!r}; expected one of {AUGMENTATIONS}.")
+    if pixels is None:
+      pixels = seedless_pixels(encoded, augment=augment, size=size, crop_ratio=crop_ratio, antialias=antialias)
+    image = pixels
+  if augment == "cifar":  # pad by size/8 (4 px at 32), random crop back, as in the ResNet/ResNeXt CIFAR recipe
+    pad = size // 8
+    image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+    image = tf.image.stateless_random_crop(image, (size, size, 3), seed=crop_seed)
   if augment != "none":
     image = tf.cond(flip_decision(flip_seed), lambda: tf.reverse(image, [1]), lambda: image)
   return image if auto_augment is None else auto_augment_pixels(image, seed, auto_augment)
+
+
+def seedless_pixels(encoded, *, augment: str, size: int, crop_ratio: float | None,
+                    antialias: bool = False) -> tf.Tensor | None:
+  """The part of train_pixels that no seed changes, uint8 (size, size, 3), for the augmentations that decode the
+  whole image ('cifar': the image at size x size, before padding and cropping; 'none': the final pixels); None
+  for 'inception', whose random window decides what is decoded. A cached split can keep these instead of the
+  encoded bytes, so that later epochs do not decode again."""
+  if augment == "cifar":
+    return _resize_whole(decode(encoded), size, antialias)
+  if augment == "none":
+    return eval_pixels(encoded, size=size, crop_ratio=crop_ratio, antialias=antialias)
+  return None
 
 
 def flip_decision(flip_seed) -> tf.Tensor:
