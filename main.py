@@ -9,6 +9,7 @@ Several hosts: give --coordinator_address, --num_processes and --process_id (on 
 of them: JAX detects the cluster).
 """
 
+import gc
 import logging as std_logging  # record levels (absl's WARNING constant is its own scale)
 import sys
 
@@ -54,6 +55,19 @@ def main(argv):
   except errors.ResNeXtError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  finally:
+    _skip_collection_at_exit()
+
+
+def _skip_collection_at_exit():
+  """The job is done (its checkpoints, summaries and outputs are closed and flushed): keep Python's collector off
+  the objects TensorFlow, JAX and the traced steps leave, which interpreter shutdown would otherwise traverse in
+  its collections. Objects are still freed by reference counting; only cycles are left to the exiting process.
+
+  Why: shutdown took ~2 s after the digits demo's result line, mostly in the collector (perf: gc_collect_main;
+  2-core AVX2 EPYC), against 0.3 s with this.
+  """
+  gc.freeze()
 
 
 def _quiet_orbax(record):
