@@ -114,3 +114,28 @@ def test_every_kernel_compiles_for_arm(tmp_path):
                              "-o", str(tmp_path / f"{source}.o")], capture_output=True, text=True)
     assert result.returncode == 0, (source, result.stderr[-3000:])
     assert "warning" not in result.stderr, (source, result.stderr[-3000:])
+
+
+def test_a_call_a_kernel_does_not_take_is_an_error_that_names_it():
+  """Every kernel decodes the one generic FFI binding itself (csrc/ffi_call.h): operands, results or attributes
+  it does not take give an error naming the kernel, never a crash or a silent misread."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if not build.available():
+    pytest.fail("the CPU kernels did not build on this machine")
+  x, w = jnp.ones((1, 4, 4, 16)), jnp.ones((3, 3, 16, 16))
+  geometry = dict(sh=np.int64(1), sw=np.int64(1), pt=np.int64(1), pl=np.int64(1))
+  conv = jax.ffi.ffi_call(build.target("GroupedConvForward"), jax.ShapeDtypeStruct((1, 4, 4, 16), jnp.float32))
+  np.testing.assert_allclose(np.asarray(conv(x, w, **geometry))[0, 1, 1], 9 * 16.0)  # 3x3 taps x 16 channels
+  with pytest.raises(Exception, match="grouped_conv: called with 3 operands and 1 results"):
+    jax.block_until_ready(conv(x, w, x, **geometry))
+  with pytest.raises(Exception, match="grouped_conv: called with 2 operands"):  # an attribute missing
+    jax.block_until_ready(conv(x, w, sh=np.int64(1), sw=np.int64(1), pt=np.int64(1)))
+  stats = jax.ffi.ffi_call(build.target("BatchNormStats"), [jax.ShapeDtypeStruct((16,), jnp.float32)] * 2)
+  np.testing.assert_allclose(np.asarray(stats(x)[0]), 16.0)
+  with pytest.raises(Exception, match="batch_norm stats: called with 1 operands"):
+    jax.block_until_ready(stats(x.astype(jnp.int32)))
+  matmul = jax.ffi.ffi_call(build.target("MatMulForward"), jax.ShapeDtypeStruct((1, 4, 4, 16), jnp.float32))
+  with pytest.raises(Exception, match="matmul forward: called with 2 operands"):  # weights must be [K, C]
+    jax.block_until_ready(matmul(x, w[0]))

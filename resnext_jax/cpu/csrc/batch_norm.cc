@@ -16,12 +16,13 @@
 #include <string>
 #include <vector>
 
+#include "ffi_call.h"
 #include "parallel.h"
 #include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using namespace resnext_jax;  // NOLINT: parallel.h and vec.h helpers
+using namespace resnext_jax;  // NOLINT: ffi_call.h, parallel.h and vec.h helpers
 
 namespace batch_norm_kernels {  // named: build.py may compile the sources as one translation unit
 namespace {
@@ -224,45 +225,45 @@ ffi::Error GradApply(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+// The entry points: the generic FFI call (ffi_call.h) -> the typed ops above.
+ffi::Error StatsCall(ffi::ThreadPool pool, FfiArgs args, FfiRets rets, FfiAttrs) {
+  auto in = f32_args<1>(args);
+  auto out = f32_rets<2>(rets);
+  if (!(in && out)) return bad_call("batch_norm stats", args.size(), rets.size());
+  return Stats(pool, (*in)[0], (*out)[0], (*out)[1]);
+}
+
+ffi::Error ApplyCall(ffi::ThreadPool pool, FfiArgs args, FfiRets rets, FfiAttrs attrs) {
+  auto in = f32_args<4>(args);
+  auto out = f32_rets<1>(rets);
+  const auto relu = attr<bool>(attrs, "relu"), add_shortcut = attr<bool>(attrs, "add_shortcut");
+  if (!(in && out && relu && add_shortcut)) return bad_call("batch_norm apply", args.size(), rets.size());
+  auto& [x, shortcut, scale, shift] = *in;
+  return Apply(pool, x, shortcut, scale, shift, (*out)[0], *relu, *add_shortcut);
+}
+
+ffi::Error GradStatsCall(ffi::ThreadPool pool, FfiArgs args, FfiRets rets, FfiAttrs attrs) {
+  auto in = f32_args<4>(args);
+  auto out = f32_rets<2>(rets);
+  const auto relu = attr<bool>(attrs, "relu");
+  if (!(in && out && relu)) return bad_call("batch_norm grad_stats", args.size(), rets.size());
+  auto& [g, y, x, mean] = *in;
+  return GradStats(pool, g, y, x, mean, (*out)[0], (*out)[1], *relu);
+}
+
+ffi::Error GradApplyCall(ffi::ThreadPool pool, FfiArgs args, FfiRets rets, FfiAttrs attrs) {
+  auto in = f32_args<7>(args);
+  auto out = f32_rets<2>(rets);
+  const auto relu = attr<bool>(attrs, "relu"), write_masked = attr<bool>(attrs, "write_masked");
+  if (!(in && out && relu && write_masked)) return bad_call("batch_norm grad_apply", args.size(), rets.size());
+  auto& [g, y, x, mean, a, b, k] = *in;
+  return GradApply(pool, g, y, x, mean, a, b, k, (*out)[0], (*out)[1], *relu, *write_masked);
+}
+
 }  // namespace
 }  // namespace batch_norm_kernels
 
-using F32 = ffi::Buffer<ffi::F32>;
-using F32Out = ffi::ResultBuffer<ffi::F32>;
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormStats, batch_norm_kernels::Stats,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Ret<F32>().Ret<F32>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormApply, batch_norm_kernels::Apply,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Attr<bool>("relu")
-                                  .Attr<bool>("add_shortcut"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormGradStats, batch_norm_kernels::GradStats,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Attr<bool>("relu"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormGradApply, batch_norm_kernels::GradApply,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Attr<bool>("relu")
-                                  .Attr<bool>("write_masked"));
+RESNEXT_JAX_FFI_HANDLER(BatchNormStats, batch_norm_kernels::StatsCall);
+RESNEXT_JAX_FFI_HANDLER(BatchNormApply, batch_norm_kernels::ApplyCall);
+RESNEXT_JAX_FFI_HANDLER(BatchNormGradStats, batch_norm_kernels::GradStatsCall);
+RESNEXT_JAX_FFI_HANDLER(BatchNormGradApply, batch_norm_kernels::GradApplyCall);

@@ -28,12 +28,13 @@
 #include <memory>
 #include <vector>
 
+#include "ffi_call.h"
 #include "parallel.h"
 #include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using namespace resnext_jax;  // NOLINT: parallel.h and vec.h helpers
+using namespace resnext_jax;  // NOLINT: ffi_call.h, parallel.h and vec.h helpers
 
 namespace grouped_conv_kernels {  // named: build.py may compile the sources as one translation unit
 namespace {
@@ -737,21 +738,27 @@ ffi::Error make_geom(ffi::Span<const int64_t> in, ffi::Span<const int64_t> out, 
 
 enum class Op { kForward, kInputGrad, kKernelGrad };
 
-// One handler for the three ops: (a, b) -> out is (x, w) -> y, (dy, w_t) -> dx or (x, dy) -> dw, where
+// One entry for the three ops: (a, b) -> out is (x, w) -> y, (dy, w_t) -> dx or (x, dy) -> dw, where
 // w_t is the per-group transposed kernel and sh..pl are always the forward convolution's.
 template <Op op>
-ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-               ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+ffi::Error Run(ffi::ThreadPool pool, FfiArgs args, FfiRets rets, FfiAttrs attrs) {
   constexpr bool kernel_grad = op == Op::kKernelGrad;
+  auto in = f32_args<2>(args);
+  auto out = f32_rets<1>(rets);
+  const auto sh = attr<int64_t>(attrs, "sh"), sw = attr<int64_t>(attrs, "sw"), pt = attr<int64_t>(attrs, "pt"),
+             pl = attr<int64_t>(attrs, "pl");
+  if (!(in && out && sh && sw && pt && pl)) return bad_call("grouped_conv", args.size(), rets.size());
+  auto& [a, b] = *in;
+  auto& [y] = *out;
   Geom g;
-  ffi::Error e = make_geom(a.dimensions(), kernel_grad ? b.dimensions() : out->dimensions(),
-                           kernel_grad ? out->dimensions() : b.dimensions(), sh, sw, pt, pl,
-                           op == Op::kInputGrad, &g);
+  ffi::Error e = make_geom(a.dimensions(), kernel_grad ? b.dimensions() : y->dimensions(),
+                           kernel_grad ? y->dimensions() : b.dimensions(), *sh, *sw, *pt, *pl, op == Op::kInputGrad,
+                           &g);
   if (e.failure()) return e;
   if constexpr (kernel_grad) {
-    wgrad(pool, g, a.typed_data(), b.typed_data(), out->typed_data());
+    wgrad(pool, g, a.typed_data(), b.typed_data(), y->typed_data());
   } else {
-    conv(pool, g, a.typed_data(), b.typed_data(), out->typed_data());
+    conv(pool, g, a.typed_data(), b.typed_data(), y->typed_data());
   }
   return ffi::Error::Success();
 }
@@ -759,19 +766,6 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F
 }  // namespace
 }  // namespace grouped_conv_kernels
 
-#define BIND_CONV                       \
-  ffi::Ffi::Bind()                      \
-      .Ctx<ffi::ThreadPool>()           \
-      .Arg<ffi::Buffer<ffi::F32>>()     \
-      .Arg<ffi::Buffer<ffi::F32>>()     \
-      .Ret<ffi::Buffer<ffi::F32>>()     \
-      .Attr<int64_t>("sh")              \
-      .Attr<int64_t>("sw")              \
-      .Attr<int64_t>("pt")              \
-      .Attr<int64_t>("pl")
-
-#define CONV_RUN(op) grouped_conv_kernels::Run<grouped_conv_kernels::Op::op>
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvForward, CONV_RUN(kForward), BIND_CONV);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvInputGrad, CONV_RUN(kInputGrad), BIND_CONV);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedConvKernelGrad, CONV_RUN(kKernelGrad), BIND_CONV);
+RESNEXT_JAX_FFI_HANDLER(GroupedConvForward, grouped_conv_kernels::Run<grouped_conv_kernels::Op::kForward>);
+RESNEXT_JAX_FFI_HANDLER(GroupedConvInputGrad, grouped_conv_kernels::Run<grouped_conv_kernels::Op::kInputGrad>);
+RESNEXT_JAX_FFI_HANDLER(GroupedConvKernelGrad, grouped_conv_kernels::Run<grouped_conv_kernels::Op::kKernelGrad>);

@@ -17,12 +17,13 @@
 #include <memory>
 #include <vector>
 
+#include "ffi_call.h"
 #include "parallel.h"
 #include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using namespace resnext_jax;  // NOLINT: parallel.h and vec.h helpers
+using namespace resnext_jax;  // NOLINT: ffi_call.h, parallel.h and vec.h helpers
 
 namespace matmul_kernels {  // named: build.py may compile the sources as one translation unit
 namespace {
@@ -277,21 +278,25 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, Array x, Array dy, ffi::Result<Matri
   return ffi::Error::Success();
 }
 
+// The entry points: the generic FFI call (ffi_call.h) -> the typed ops above. The [K, C] weights (or their
+// gradient) are the second operand (the result) and must be 2-D.
+ffi::Error ForwardCall(ffi::ThreadPool pool, FfiArgs args, FfiRets rets, FfiAttrs) {
+  const auto x = arg<Array>(args, 0);
+  const auto w = arg<Matrix>(args, 1);
+  auto y = f32_rets<1>(rets);
+  if (args.size() != 2 || !(x && w && y)) return bad_call("matmul forward", args.size(), rets.size());
+  return Forward(pool, *x, *w, (*y)[0]);
+}
+
+ffi::Error KernelGradCall(ffi::ThreadPool pool, FfiArgs args, FfiRets rets, FfiAttrs) {
+  auto in = f32_args<2>(args);
+  auto dw = ret<Matrix>(rets, 0);
+  if (rets.size() != 1 || !(in && dw)) return bad_call("matmul kernel_grad", args.size(), rets.size());
+  return KernelGrad(pool, (*in)[0], (*in)[1], *dw);
+}
+
 }  // namespace
 }  // namespace matmul_kernels
 
-using MatMulArray = matmul_kernels::Array;
-using MatMulMatrix = matmul_kernels::Matrix;
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MatMulForward, matmul_kernels::Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<MatMulArray>()
-                                  .Arg<MatMulMatrix>()
-                                  .Ret<MatMulArray>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MatMulKernelGrad, matmul_kernels::KernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<MatMulArray>()
-                                  .Arg<MatMulArray>()
-                                  .Ret<MatMulMatrix>());
+RESNEXT_JAX_FFI_HANDLER(MatMulForward, matmul_kernels::ForwardCall);
+RESNEXT_JAX_FFI_HANDLER(MatMulKernelGrad, matmul_kernels::KernelGradCall);

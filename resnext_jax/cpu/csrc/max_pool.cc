@@ -10,12 +10,13 @@
 #include <cstdint>
 #include <limits>
 
+#include "ffi_call.h"
 #include "parallel.h"
 #include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using namespace resnext_jax;  // NOLINT: parallel.h and vec.h helpers
+using namespace resnext_jax;  // NOLINT: ffi_call.h, parallel.h and vec.h helpers
 
 namespace max_pool_kernels {  // named: build.py may compile the sources as one translation unit
 namespace {
@@ -126,21 +127,31 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// The entry points: the generic FFI call (ffi_call.h) -> the typed ops above.
+template <size_t kArgs, typename Op>
+ffi::Error PoolCall(const char* name, const Op& op, FfiArgs args, FfiRets rets, FfiAttrs attrs) {
+  auto in = f32_args<kArgs>(args);
+  auto out = f32_rets<1>(rets);
+  const auto kh = attr<int64_t>(attrs, "kh"), kw = attr<int64_t>(attrs, "kw"), sh = attr<int64_t>(attrs, "sh"),
+             sw = attr<int64_t>(attrs, "sw"), pt = attr<int64_t>(attrs, "pt"), pl = attr<int64_t>(attrs, "pl");
+  if (!(in && out && kh && kw && sh && sw && pt && pl)) return bad_call(name, args.size(), rets.size());
+  return op(*in, (*out)[0], *kh, *kw, *sh, *sw, *pt, *pl);
+}
+
+ffi::Error ForwardCall(ffi::ThreadPool pool, FfiArgs args, FfiRets rets, FfiAttrs attrs) {
+  return PoolCall<1>("max_pool forward", [&](auto& in, auto& y, auto... geometry) {
+    return Forward(pool, in[0], y, geometry...);
+  }, args, rets, attrs);
+}
+
+ffi::Error BackwardCall(ffi::ThreadPool pool, FfiArgs args, FfiRets rets, FfiAttrs attrs) {
+  return PoolCall<3>("max_pool backward", [&](auto& in, auto& dx, auto... geometry) {
+    return Backward(pool, in[0], in[1], in[2], dx, geometry...);
+  }, args, rets, attrs);
+}
+
 }  // namespace
 }  // namespace max_pool_kernels
 
-#define POOL_ATTRS .Attr<int64_t>("kh").Attr<int64_t>("kw").Attr<int64_t>("sh").Attr<int64_t>("sw") \
-    .Attr<int64_t>("pt").Attr<int64_t>("pl")
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolForward, max_pool_kernels::Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() POOL_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolBackward, max_pool_kernels::Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() POOL_ATTRS);
+RESNEXT_JAX_FFI_HANDLER(MaxPoolForward, max_pool_kernels::ForwardCall);
+RESNEXT_JAX_FFI_HANDLER(MaxPoolBackward, max_pool_kernels::BackwardCall);
