@@ -56,8 +56,9 @@ def train_dataset(source: sources.Source, config, *, start_step: int, process_in
       split=tfds.even_splits(source.train_split, process_count)[process_index], shuffle_files=True,
       decoders=_SKIP_DECODING,
       read_config=tfds.ReadConfig(shuffle_seed=config.seed, shuffle_reshuffle_each_iteration=False))
-  if config.cache:  # 'inception' crops before decoding: nothing seed-free to keep but the bytes
-    keep_pixels = not encoded and not is_legacy(config) and source.augment != "inception"
+  if config.cache:
+    keep_pixels = (not encoded and not is_legacy(config)
+                   and source.augment in transforms.WHOLE_IMAGE_AUGMENTATIONS)
     records = _cache(records, functools.partial(
         transforms.seedless_pixels, augment=source.augment, size=config.image_size,
         crop_ratio=source.eval_crop_ratio, antialias=antialias(config)) if keep_pixels else None)

@@ -182,17 +182,21 @@ def train_pixels(encoded, seed, *, augment: str, size: int, crop_ratio: float | 
   return image if auto_augment is None else auto_augment_pixels(image, seed, auto_augment)
 
 
+# The augmentations that decode the whole image, so that their transform starts with a part no seed changes
+# ('inception' decodes only its random window).
+WHOLE_IMAGE_AUGMENTATIONS = ("cifar", "none")
+
+
 def seedless_pixels(encoded, *, augment: str, size: int, crop_ratio: float | None,
-                    antialias: bool = False) -> tf.Tensor | None:
-  """The part of train_pixels that no seed changes, uint8 (size, size, 3), for the augmentations that decode the
-  whole image ('cifar': the image at size x size, before padding and cropping; 'none': the final pixels); None
-  for 'inception', whose random window decides what is decoded. A cached split can keep these instead of the
-  encoded bytes, so that later epochs do not decode again."""
+                    antialias: bool = False) -> tf.Tensor:
+  """The part of train_pixels that no seed changes, uint8 (size, size, 3), for WHOLE_IMAGE_AUGMENTATIONS
+  ('cifar': the image at size x size, before padding and cropping; 'none': the final pixels). A cached split can
+  keep these instead of the encoded bytes, so that later epochs do not decode again."""
   if augment == "cifar":
     return _resize_whole(decode(encoded), size, antialias)
   if augment == "none":
     return eval_pixels(encoded, size=size, crop_ratio=crop_ratio, antialias=antialias)
-  return None
+  raise ValueError(f"augment={augment!r} decodes no whole image; expected one of {WHOLE_IMAGE_AUGMENTATIONS}.")
 
 
 def flip_decision(flip_seed) -> tf.Tensor:
