@@ -80,8 +80,8 @@ def _print_explanation(name, batch_size, image_size):
   log = explain(model, batch_size, image_size)
   print(f"{name}, batch {batch_size}, backend {jax.default_backend()}" + (
       f", CPU kernels: {cpu.kernel_status()}" if jax.default_backend() == "cpu" else ""))
-  print(f"{'layer':<28} {'op':<34} {'runs':<10} {'why':<44} ms (timed, forward+backward at <= "
-        f"{autotune.MAX_IMAGES} images)")
+  print(f"{'layer':<28} {'op':<34} {'runs':<10} {'why':<44} ms (timed, forward+backward on >= "
+        f"{autotune.MIN_IMAGES} images and {autotune.MIN_PIXELS} input pixels, up to the batch)")
   for e in log:
     ms = ", ".join(f"{k} {v:g}" for k, v in e["ms"].items())
     print(f"{e['layer']:<28} {e['op']:<34} {e['choice']:<10} {e['reason']:<44} {ms}")

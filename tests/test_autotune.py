@@ -51,6 +51,32 @@ def test_candidates_compile_with_the_timing_options(measuring, monkeypatch):
     autotune.choose("toy", _candidates(), (jax.ShapeDtypeStruct((64, 128), jnp.float32),), default="slow")
 
 
+@pytest.mark.parametrize("shape, images", [
+    ((64, 16, 16, 64), 16),    # 256 pixels: 16 images make MIN_PIXELS
+    ((64, 4, 4, 256), 64),     # a small map: the whole batch
+    ((32, 56, 56, 128), 8),    # a large map: MIN_IMAGES
+    ((4, 4, 4, 256), 4),       # never more than the batch
+    ((64, 128), 8),            # not an image: MIN_IMAGES
+])
+def test_small_maps_are_timed_on_more_images(shape, images):
+  assert autotune.timing_images([jax.ShapeDtypeStruct(shape, jnp.float32)]) == images
+
+
+def test_the_timed_programs_take_the_cut_batch(measuring, monkeypatch):
+  """The candidates compile (and run) for timing_images() of the batch; unbatched arguments keep their shape."""
+  shapes = []
+  compile_ = autotune._compile  # pylint: disable=protected-access
+  monkeypatch.setattr(autotune, "_compile", lambda fn, ops, bwd: shapes.append([o.shape for o in ops]) or
+                      compile_(fn, ops, bwd))
+  x, w = jax.ShapeDtypeStruct((64, 4, 4, 16), jnp.float32), jax.ShapeDtypeStruct((16,), jnp.float32)
+  candidates = {"slow": lambda x, w: _candidates()["slow"](x * w), "fast": lambda x, w: jnp.tanh(x * w)}
+  assert autotune.choose("toy map", candidates, (x, w), default="slow") == "fast"
+  assert shapes == [[(64, 4, 4, 16), (16,), (64, 4, 4, 16)]] * 2  # x, w and the cotangent, whole batch
+  shapes.clear()
+  autotune.choose("toy map", candidates, (jax.ShapeDtypeStruct((64, 32, 32, 16), jnp.float32), w), default="slow")
+  assert shapes == [[(8, 32, 32, 16), (16,), (8, 32, 32, 16)]] * 2
+
+
 def test_a_recorded_choice_is_used_and_never_replaced(measuring):
   """Another process (or an earlier run) recorded 'slow': this one takes it, so processes agree."""
   x = jax.ShapeDtypeStruct((64, 128), jnp.float32)
@@ -139,7 +165,7 @@ def test_layers_met_in_a_trace_are_timed_together_then_traced_again(measuring, m
   x = jnp.ones((64, 128))
   traced = autotune.measure_layers(lambda: step.trace(x))
   assert chosen == ["slow", "slow", "fast", "fast"]  # the dry pass's defaults, then the measured choices
-  assert events == ["compile"] * 4 + ["time"] * 4
+  assert events == ["compile"] * 4 + ["time"] * 2  # each layer's two candidates timed taking turns
   assert "tanh" in str(traced.jaxpr) and "dot_general" not in str(traced.jaxpr)
   assert "dot_general" not in str(step.trace(x).jaxpr)  # the dry trace is not what a later call reuses
   assert len(json.loads(measuring.read_text())) == 2

@@ -4,8 +4,9 @@ Why: which implementation is fastest depends on the machine. Our kernels, tuned 
 4x faster than XLA's formulations there and 10x slower on an AVX2 one (docs/performance.md); a table written
 on one machine is wrong on another. So on a CPU, the first time a layer shape is traced, `choose` times every
 candidate (forward and backward, the work of a train step; forward only for inference-only layers) with the
-steps' compiler options (plus faster-compiling emitters, cpu/options.py) on up to 8 images of that shape,
-keeps the fastest and caches the choice beside the kernel library. The cache is keyed by this machine's
+steps' compiler options (plus faster-compiling emitters, cpu/options.py) on a cut of the batch (`timing_images`),
+taking turns so that the machine's slow moments fall on every candidate alike, keeps the fastest and caches
+the choice beside the kernel library. The cache is keyed by this machine's
 kernel library (sources, compiler, target ISA, jaxlib) and jax's version; later runs read it and time nothing.
 
 - $RESNEXT_JAX_AUTOTUNE=off (or `using_table()`) uses each layer's recorded default instead of timing:
@@ -37,7 +38,8 @@ import numpy as np
 from resnext_jax.cpu import build, options
 from resnext_jax.errors import KernelUnavailable
 
-MAX_IMAGES = 8            # images per timing: the relative speed of two implementations hardly depends on more
+MIN_IMAGES = 8            # images per timing, at least (the batch, if smaller) ...
+MIN_PIXELS = 4096         # ... and enough for this many input pixels, up to the batch: see timing_images
 MIN_SECONDS = 0.02        # each candidate runs at least 3 times and this long (best run counts)
 
 _memory = {}              # signature -> choice, this process
@@ -78,7 +80,7 @@ def choose(op, candidates, args, default, *, batched=(0,), backward=True):
 
   `op` names the layer kind ('conv grouped', 'batch_norm train', ...); the decision is keyed by it and the
   arguments' shapes and dtypes. `default` is the recorded choice, used where nothing is timed. `batched` are
-  the positions of the arguments whose first axis is the batch (cut to MAX_IMAGES for timing).
+  the positions of the arguments whose first axis is the batch (cut to `timing_images` for timing).
   """
   names = list(candidates)
   if default not in names:
@@ -94,7 +96,8 @@ def choose(op, candidates, args, default, *, batched=(0,), backward=True):
   if recorded in names:
     _memory[signature] = recorded
     return _decided(op, signature, recorded, "measured on this machine before (cache)")
-  structs = [_shrink(a, i in batched) for i, a in enumerate(args)]
+  images = timing_images([a for i, a in enumerate(args) if i in batched])
+  structs = [_shrink(a, images if i in batched else None) for i, a in enumerate(args)]
   pending = getattr(_local, "pending", None)
   if pending is not None:  # measure_layers' dry pass: timed with the others when the pass ends
     pending.setdefault(signature, (op, candidates, structs, backward))
@@ -165,25 +168,41 @@ def _decided(op, signature, choice, reason, times=None):
   return choice
 
 
-def _shrink(a, batched):
-  shape = (min(a.shape[0], MAX_IMAGES), *a.shape[1:]) if batched and a.ndim else a.shape
+def timing_images(batched_args):
+  """How many images of the batch a layer is timed on: MIN_IMAGES, or more where its maps are small, so that
+  it sees at least MIN_PIXELS input pixels (NHWC); never more than the batch.
+
+  Why: which implementation is fastest depends on how much work a call has to spread over the cores and the
+  kernels' register tiles, and a small map at 8 images is not the same problem as at the real batch. The digits
+  model's last grouped conv (8x8 -> 4x4, 256 channels, groups of 64; 2-core AVX2 EPYC, forward+backward):
+  at 8 images 'kernel' 2.07 ms, 'blockdiag' 1.39, 'matmul' 2.01; at its batch of 64: 9.69, 11.59, 9.18 ms,
+  so the choice made at 8 images was the slowest at 64. Large maps keep 8 images (resnext50_32x4d at 224:
+  8 for 56x56 and 28x28, 21 for 14x14, the whole batch for 7x7), which bounds the time spent measuring.
+  """
+  shapes = [a.shape for a in batched_args if a.ndim]
+  if not shapes:
+    return MIN_IMAGES
+  batch, pixels = shapes[0][0], shapes[0][1] * shapes[0][2] if len(shapes[0]) == 4 else MIN_PIXELS
+  return min(batch, max(MIN_IMAGES, -(-MIN_PIXELS // max(pixels, 1))))
+
+
+def _shrink(a, images):
+  shape = (min(a.shape[0], images), *a.shape[1:]) if images is not None and a.ndim else a.shape
   return jax.ShapeDtypeStruct(shape, a.dtype)
 
 
 def _time_layers(layers):
   """Seconds per candidate for each of `layers` ([(candidates, structs, backward)]): every candidate compiled
-  side by side (compiling dominates; XLA compiles without the GIL), then timed one after another, on random
-  arguments made one layer at a time."""
+  side by side (compiling dominates; XLA compiles without the GIL), then each layer's candidates timed taking
+  turns, on random arguments made one layer at a time."""
   operands = [_operands(next(iter(c.values())), structs, backward) for c, structs, backward in layers]
   jobs = [(i, name, fn) for i, (candidates, _, _) in enumerate(layers) for name, fn in candidates.items()]
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
     compiled = list(pool.map(lambda job: _compile(job[2], operands[job[0]], layers[job[0]][2]), jobs))
-  times, current, arrays = [{} for _ in layers], None, None
+  executables = [{} for _ in layers]
   for (i, name, _), executable in zip(jobs, compiled):
-    if i != current:  # the jobs are in layer order: one layer's random arguments alive at a time
-      current, arrays = i, _random(operands[i])
-    times[i][name] = _seconds(executable, arrays)
-  return times
+    executables[i][name] = executable
+  return [_seconds(layer, _random(layer_operands)) for layer, layer_operands in zip(executables, operands)]
 
 
 def _operands(fn, structs, backward):
@@ -209,15 +228,24 @@ def _compile(fn, operands, backward):
   return jax.jit(run, compiler_options=options.timing_options()).lower(*operands).compile()
 
 
-def _seconds(compiled, arrays):
-  """Best wall time of one call, after one untimed call."""
-  jax.block_until_ready(compiled(*arrays))
-  best, spent, runs = float("inf"), 0.0, 0
-  while runs < 3 or spent < MIN_SECONDS:
-    start = time.perf_counter()
+def _seconds(executables, arrays):
+  """{name: best wall time of one call} for executables ({name: compiled}) taking turns on the same arguments,
+  after one untimed call each: at least 3 turns, and MIN_SECONDS per candidate in all.
+
+  Why turns: this machine's speed drifts by 20% and more within seconds (docs/performance.md); timed one after
+  another, a slow spell would count against whichever candidate it fell on.
+  """
+  for compiled in executables.values():
     jax.block_until_ready(compiled(*arrays))
-    elapsed = time.perf_counter() - start
-    best, spent, runs = min(best, elapsed), spent + elapsed, runs + 1
+  best = dict.fromkeys(executables, float("inf"))
+  spent, turns = 0.0, 0
+  while turns < 3 or spent < MIN_SECONDS * len(executables):
+    for name, compiled in executables.items():
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(*arrays))
+      elapsed = time.perf_counter() - start
+      best[name], spent = min(best[name], elapsed), spent + elapsed
+    turns += 1
   return best
 
 
