@@ -40,7 +40,7 @@ from resnext_jax.errors import KernelUnavailable
 
 MIN_IMAGES = 8            # images per timing, at least (the batch, if smaller) ...
 MIN_PIXELS = 4096         # ... and enough for this many input pixels, up to the batch: see timing_images
-MIN_SECONDS = 0.02        # each candidate runs at least 3 times and this long (best run counts)
+MIN_SECONDS = 0.02        # a layer's candidates take at least 3 turns and this long each on average (best call counts)
 
 _memory = {}              # signature -> choice, this process
 _explain_logs = []        # active explain() lists
