@@ -32,20 +32,23 @@ using FfiArgs = xla::ffi::RemainingArgs;
 using FfiRets = xla::ffi::RemainingRets;
 using FfiAttrs = xla::ffi::Dictionary;
 
+// What an FFI decoder returned, or nothing where it failed.
+template <typename T>
+std::optional<T> present(const xla::ffi::ErrorOr<T>& v) {
+  if (v.has_error()) return std::nullopt;
+  return *v;
+}
+
 // Operand i as T (an ffi::Buffer type), or nothing when it is missing or of another type or rank.
 template <typename T>
 std::optional<T> arg(const FfiArgs& args, size_t i) {
-  auto v = args.get<T>(i);
-  if (v.has_error()) return std::nullopt;
-  return *v;
+  return present(args.get<T>(i));
 }
 
 // Result i as ffi::Result<T>, or nothing.
 template <typename T>
 std::optional<xla::ffi::Result<T>> ret(const FfiRets& rets, size_t i) {
-  auto v = rets.get<T>(i);
-  if (v.has_error()) return std::nullopt;
-  return *v;
+  return present(rets.get<T>(i));
 }
 
 using F32 = xla::ffi::Buffer<xla::ffi::F32>;    // float32, any rank
@@ -80,9 +83,7 @@ std::optional<std::array<F32Out, N>> f32_rets(const FfiRets& rets) {
 // Attribute `name` as T, or nothing.
 template <typename T>
 std::optional<T> attr(const FfiAttrs& attrs, std::string_view name) {
-  auto v = attrs.get<T>(name);
-  if (v.has_error()) return std::nullopt;
-  return *v;
+  return present(attrs.get<T>(name));
 }
 
 // The error for a call whose operands, results or attributes are not what `kernel` takes.
