@@ -86,11 +86,14 @@ def abstract_train_state(config, model, tx, mesh, image_shape):
 
 
 def create_train_state(config, model, tx, mesh, image_shape, rng=None):
-  """Returns (state, state_sharding): initialised directly onto the mesh (params replicated)."""
+  """Returns (state, state_sharding): initialised directly onto the mesh (params replicated).
+
+  The initialiser runs once, so on a CPU it is compiled for compile speed, not run speed (cpu/options.py).
+  """
   rng = jax.random.key(config.seed, impl=config.rng_impl) if rng is None else rng
   _, sharding = abstract_train_state(config, model, tx, mesh, image_shape)
   init = _state_initializer(config, model, tx, image_shape)
-  return jax.jit(init, out_shardings=sharding)(rng), sharding
+  return jax.jit(init, out_shardings=sharding, compiler_options=cpu.run_once_options())(rng), sharding
 
 
 def accumulate_gradients(grad_fn, params, aux, batch, num_micro: int, rng=None):

@@ -155,6 +155,18 @@ def test_compiler_options_only_on_cpu_and_user_flags_win(monkeypatch):
   assert cpu.compiler_options("cpu") == {}
 
 
+def test_run_once_options_only_on_cpu_and_user_flags_win(monkeypatch):
+  """The initialiser's options: cheap code generation on CPU, nothing elsewhere; XLA_FLAGS still win."""
+  for backend in ("gpu", "tpu"):
+    assert cpu.run_once_options(backend) == {}
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  once = cpu.run_once_options("cpu")
+  assert once == {**cpu.compiler_options("cpu"), "xla_cpu_use_fusion_emitters": False,
+                  "xla_backend_optimization_level": 0}
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
+  assert "xla_backend_optimization_level" not in cpu.run_once_options("cpu")
+
+
 def test_compiler_options_dropped_where_xla_rejects_them(monkeypatch):
   """An older jaxlib without the (experimental) option trains with XLA's defaults rather than failing."""
   monkeypatch.setattr(options, "_CPU_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"})

@@ -19,6 +19,7 @@ from resnext_jax import checkpoint
 from resnext_jax import errors
 from resnext_jax import evaluate
 from resnext_jax import models
+from resnext_jax import optim
 from resnext_jax import predict
 from resnext_jax import runtime
 from resnext_jax import train
@@ -210,6 +211,30 @@ def test_converted_checkpoint_eval_and_predict(tmp_path, digits_dir, capsys):
   assert meta["num_classes"] == 7 and tuned["params"]["fc"]["kernel"].shape == (64, 7)
   del tuned["params"]["fc"], variables["params"]["fc"]
   jax.tree.map(np.testing.assert_array_equal, tuned["params"], variables["params"])
+
+
+def test_the_initial_state_is_the_same_draw_whatever_the_compile_options(monkeypatch):
+  """create_train_state compiles its initialiser cheaply (cpu.run_once_options): the weights are the draw the
+  steps' options give, to a few float32 ulps (products unfused with their sums), and the same bits every time."""
+  config = tiny_config()
+  model = models.from_config(config, 10)
+  schedule = optim.learning_rate_schedule(config, optim.durations(config, config.synthetic_num_examples))
+  tx = optim.create_optimizer(config, schedule)
+  mesh = runtime.make_mesh()
+  cheap, _ = train.create_train_state(config, model, tx, mesh, (8, 8, 3))
+  again, _ = train.create_train_state(config, model, tx, mesh, (8, 8, 3))
+  monkeypatch.setattr(train.cpu, "run_once_options", train.cpu.compiler_options)
+  full, _ = train.create_train_state(config, model, tx, mesh, (8, 8, 3))
+  for a, b, c in zip(jax.tree.leaves(cheap), jax.tree.leaves(again), jax.tree.leaves(full)):
+    a, b, c = np.asarray(a), np.asarray(b), np.asarray(c)
+    np.testing.assert_array_equal(a, b)
+    if a.dtype == np.float32:
+      np.testing.assert_array_max_ulp(a, c, maxulp=4)
+    else:
+      np.testing.assert_array_equal(a, c)
+  monkeypatch.setattr(train.cpu, "run_once_options", lambda: {"xla_backend_optimization_level": "NOT_AN_INT"})
+  with pytest.raises(Exception, match="xla_backend_optimization_level"):  # the initialiser takes them
+    train.create_train_state(config, model, tx, mesh, (8, 8, 3))
 
 
 def test_imagenet_class_names():

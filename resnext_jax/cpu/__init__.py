@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from resnext_jax.cpu import autotune, batch_norm, build, grouped_conv, matmul, max_pool
 from resnext_jax.cpu.build import KernelUnavailable, available, load  # pylint: disable=unused-import
-from resnext_jax.cpu.options import compiler_options  # pylint: disable=unused-import
+from resnext_jax.cpu.options import compiler_options, run_once_options  # pylint: disable=unused-import
 
 
 def kernel_status():
