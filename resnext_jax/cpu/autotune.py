@@ -6,8 +6,8 @@ on one machine is wrong on another. So on a CPU, the first time a layer shape is
 candidate (forward and backward, the work of a train step; forward only for inference-only layers) with the
 steps' compiler options (plus faster-compiling emitters, cpu/options.py) on a cut of the batch (`timing_images`),
 taking turns so that the machine's slow moments fall on every candidate alike, keeps the fastest and caches
-the choice beside the kernel library. The cache is keyed by this machine's
-kernel library (sources, compiler, target ISA, jaxlib) and jax's version; later runs read it and time nothing.
+the choice beside the kernel library. The cache is keyed by this machine's kernel library (sources, compiler,
+target ISA, jaxlib) and jax's version; later runs read it and time nothing.
 
 - $RESNEXT_JAX_AUTOTUNE=off (or `using_table()`) uses each layer's recorded default instead of timing:
   deterministic and free, for tests and for tracing that only needs shapes (summary, init).
@@ -179,11 +179,11 @@ def timing_images(batched_args):
   so the choice made at 8 images was the slowest at 64. Large maps keep 8 images (resnext50_32x4d at 224:
   8 for 56x56 and 28x28, 21 for 14x14, the whole batch for 7x7), which bounds the time spent measuring.
   """
-  shapes = [a.shape for a in batched_args if a.ndim]
-  if not shapes:
+  shape = next((a.shape for a in batched_args if a.ndim), None)
+  if shape is None:
     return MIN_IMAGES
-  batch, pixels = shapes[0][0], shapes[0][1] * shapes[0][2] if len(shapes[0]) == 4 else MIN_PIXELS
-  return min(batch, max(MIN_IMAGES, -(-MIN_PIXELS // max(pixels, 1))))
+  pixels = shape[1] * shape[2] if len(shape) == 4 else MIN_PIXELS
+  return min(shape[0], max(MIN_IMAGES, -(-MIN_PIXELS // max(pixels, 1))))
 
 
 def _shrink(a, images):
