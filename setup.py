@@ -6,7 +6,7 @@ setup(
     description="ResNeXt (Aggregated Residual Transformations, CVPR 2017) in JAX/Flax",
     packages=find_packages(include=["resnext_jax", "resnext_jax.*"]),
     # The CPU kernels' sources (compiled on first use) and data tables (ImageNet's class names).
-    package_data={"resnext_jax": ["cpu/csrc/*.cc", "cpu/csrc/*.h", "data/*.txt"]},
+    package_data={"resnext_jax": ["cpu/csrc/*.cc", "cpu/csrc/*.h", "datasets/csrc/*.cc", "data/*.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7,<0.12",

@@ -63,8 +63,8 @@ def test_the_cache_key_follows_the_compilers_view_of_the_target(monkeypatch):
   """Two CPUs whose compilers predefine different ISA macros (how aarch64 machines differ too: they have no
   x86 'flags' line in /proc/cpuinfo) get different libraries."""
   key = build.library_key()
-  flags, macros = build._target_flags(build._compiler())  # pylint: disable=protected-access
-  monkeypatch.setattr(build, "_target_flags", lambda cxx: (flags, macros + "#define __ARM_FEATURE_SVE 1\n"))
+  flags, macros = build.target_flags(build.compiler())
+  monkeypatch.setattr(build, "target_flags", lambda cxx: (flags, macros + "#define __ARM_FEATURE_SVE 1\n"))
   build.library_key.cache_clear()
   try:
     assert build.library_key() != key

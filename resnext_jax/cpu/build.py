@@ -149,21 +149,23 @@ def _cpu_flags():
     return set()
 
 
-def _compiler():
+def compiler(purpose="the CPU kernels"):
+  """The C++ compiler to build `purpose` with: $CXX, else g++, c++ or clang++ on the PATH."""
   cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
   if not cxx:
-    raise KernelUnavailable("no C++ compiler found (set CXX, or install g++ or clang++) to build the CPU kernels")
+    raise KernelUnavailable(f"no C++ compiler found (set CXX, or install g++ or clang++) to build {purpose}")
   return cxx
 
 
-def _run(cmd):
+def run(cmd):
+  """A compiler command's CompletedProcess (an OSError, e.g. a missing binary, as a failed one)."""
   try:
     return subprocess.run(cmd, capture_output=True, text=True)
   except OSError as e:
     return subprocess.CompletedProcess(cmd, 1, "", str(e))
 
 
-def _target_flags(cxx):
+def target_flags(cxx, purpose="the CPU kernels"):
   """Flags that select the target ISA, and the compiler's predefined macros for them (the cache's CPU key).
 
   `-march=native` where the compiler takes it (GCC everywhere, clang on x86 and recent Arm), else
@@ -171,10 +173,10 @@ def _target_flags(cxx):
   """
   choices = [[f"-march={march()}"]] if march() != "native" else [["-march=native"], ["-mcpu=native"]]
   for flags in choices:
-    probe = _run([cxx, *flags, "-dM", "-E", "-x", "c++", os.devnull])
+    probe = run([cxx, *flags, "-dM", "-E", "-x", "c++", os.devnull])
     if probe.returncode == 0:
       return flags, probe.stdout
-  raise KernelUnavailable(f"building the CPU kernels with {cxx} failed: it rejects {choices[0][0]}:\n"
+  raise KernelUnavailable(f"building {purpose} with {cxx} failed: it rejects {choices[0][0]}:\n"
                           f"{probe.stderr[-2000:]}")
 
 
@@ -186,9 +188,9 @@ def cache_dir():
 @functools.cache
 def library_key():
   """Hex digest naming the library for these sources, compiler, flags, target and jaxlib."""
-  cxx = _compiler()
-  target_flags, macros = _target_flags(cxx)
-  identity = [" ".join([cxx, *target_flags, *_FLAGS]).encode(), macros.encode(), jaxlib.__version__.encode()]
+  cxx = compiler()
+  flags, macros = target_flags(cxx)
+  identity = [" ".join([cxx, *flags, *_FLAGS]).encode(), macros.encode(), jaxlib.__version__.encode()]
   for path in sorted(glob.glob(os.path.join(CSRC, "*.*"))):  # sources and headers
     with open(path, "rb") as f:
       identity += [os.path.basename(path).encode(), f.read()]
@@ -200,34 +202,34 @@ _FLAGS = ["-O3", "-std=c++17", "-fPIC"]
 
 def build():
   """Path of the compiled library for this machine; compiles it if it is not in the cache."""
-  cxx = _compiler()
+  cxx = compiler()
   path = os.path.join(cache_dir(), f"cpu_kernels_{library_key()}.so")
   if os.path.exists(path):
     return path
   os.makedirs(cache_dir(), exist_ok=True)
-  target_flags, _ = _target_flags(cxx)
-  print(f"resnext_jax: building the CPU kernels for this machine ({' '.join(target_flags)}, {cxx}) ...",
+  flags, _ = target_flags(cxx)
+  print(f"resnext_jax: building the CPU kernels for this machine ({' '.join(flags)}, {cxx}) ...",
         file=sys.stderr, flush=True)
   start = time.perf_counter()
   with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:  # build beside, then rename: safe for parallel builds
-    objects = _compile_all(cxx, target_flags, tmp)
+    objects = _compile_all(cxx, flags, tmp)
     library = os.path.join(tmp, "kernels.so")
-    _check(_run([cxx, "-shared", *objects, "-o", library]), cxx, "linking")
+    _check(run([cxx, "-shared", *objects, "-o", library]), cxx, "linking")
     os.replace(library, path)
   print(f"resnext_jax: built the CPU kernels in {time.perf_counter() - start:.1f} s: {path}", file=sys.stderr,
         flush=True)
   return path
 
 
-def _compile_all(cxx, target_flags, out_dir):
+def _compile_all(cxx, isa_flags, out_dir):
   """The sources as one translation unit per core (at most one per source), compiled in parallel."""
   sources = sorted(glob.glob(os.path.join(CSRC, "*.cc")), key=os.path.getsize, reverse=True)
   units = _translation_units(sources, min(len(sources), os.cpu_count() or 1), out_dir)
   include = f"-isystem{jax.ffi.include_dir()}"  # its headers warn; ours do not
-  commands = {name: [cxx, *_FLAGS, *target_flags, include, "-c", unit, "-o", os.path.join(out_dir, f"{i}.o")]
+  commands = {name: [cxx, *_FLAGS, *isa_flags, include, "-c", unit, "-o", os.path.join(out_dir, f"{i}.o")]
               for i, (name, unit) in enumerate(units.items())}
   with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
-    results = dict(zip(commands, pool.map(_run, commands.values())))
+    results = dict(zip(commands, pool.map(run, commands.values())))
   for name, result in results.items():
     _check(result, cxx, name)
   return [cmd[-1] for cmd in commands.values()]

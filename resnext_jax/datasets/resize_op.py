@@ -1,0 +1,107 @@
+"""A TensorFlow op for the input pipeline's resize (csrc/resize_bilinear_u8.cc), built on first use.
+
+What it replaces: the fast transforms' last step, `saturate_cast<uint8>(round(ResizeBilinear(window)))` and the
+train flip, four TF ops with a float32 image between them. The op does the same arithmetic in one pass and is
+bit-identical (tests/test_resize_op.py). Measured on ImageNet-like JPEGs (2-core AVX2 EPYC, one tf.data thread):
+a 330 x 330 window to 224 x 224 took 0.21-0.23 ms above a no-op against 0.54-0.56 ms for the TF ops; the
+train transform went from ~506 to ~582 images per CPU-second, eval from ~488 to ~579
+(benchmarks/input_pipeline_benchmark.py, docs/input_pipeline.md).
+
+- Build: the C++ compiler and target flags of the CPU kernels (cpu/build.py: `-march=native` or
+  $RESNEXT_JAX_CPU_MARCH), TensorFlow's own compile and link flags (`tf.sysconfig`), `-ffp-contract=off` (a
+  fused multiply-add would change the last bit), ~10 s on 2 cores, said on the console.
+- Cache: beside the CPU kernels ($RESNEXT_JAX_CACHE or ~/.cache/resnext_jax), keyed by the source, the compiler,
+  its flags and view of the target, and TensorFlow's version (custom ops are built against its headers).
+- Failure (no compiler, no TF headers, a TF that rejects the library) is remembered for the process and said
+  once; the transforms then use the TF ops, with the same pixels. $RESNEXT_JAX_INPUT_OP=off does the same.
+"""
+
+import functools
+import hashlib
+import os
+import sys
+import tempfile
+import threading
+import time
+
+import tensorflow as tf
+
+from resnext_jax.cpu import build as cpu_build
+from resnext_jax.errors import KernelUnavailable
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "resize_bilinear_u8.cc")
+PURPOSE = "the input pipeline's resize op"
+_FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-Wno-deprecated-declarations"]
+
+_lock = threading.Lock()  # one build per process; tf.data may trace transforms from several threads
+_failure = None
+
+
+def enabled() -> bool:
+  return os.environ.get("RESNEXT_JAX_INPUT_OP", "on").lower() not in ("0", "off", "false")
+
+
+def library():
+  """The loaded op library (its ops as Python functions), or None where it is switched off or cannot be built."""
+  global _failure
+  if not enabled():
+    return None
+  with _lock:
+    if _failure is not None:
+      return None
+    try:
+      return _load()
+    except KernelUnavailable as e:
+      _failure = e
+      print(f"resnext_jax: {e}\nresnext_jax: the input pipeline resizes with TensorFlow's ops instead (same pixels)",
+            file=sys.stderr, flush=True)
+      return None
+
+
+def resize_bilinear_u8(image: tf.Tensor, size: int, flip) -> tf.Tensor | None:
+  """uint8 (h, w, 3) -> uint8 (size, size, 3), mirrored where `flip` (a bool tensor); None without the op."""
+  lib = library()
+  return None if lib is None else lib.resnext_resize_bilinear_u8(image, flip, size=size)
+
+
+@functools.cache
+def _load():
+  path = build()
+  try:
+    return tf.load_op_library(path)
+  except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError, OSError) as e:
+    raise KernelUnavailable(f"cannot load {PURPOSE} {path}: {e}") from e
+
+
+def library_key(cxx, isa_flags, macros) -> str:
+  identity = [" ".join([cxx, *isa_flags, *_FLAGS]).encode(), macros.encode(), tf.__version__.encode(),
+              " ".join(tf.sysconfig.get_compile_flags()).encode()]
+  with open(SOURCE, "rb") as f:
+    identity.append(f.read())
+  return hashlib.sha256(b"\0".join(identity)).hexdigest()[:16]
+
+
+def build() -> str:
+  """Path of the op library for this machine and TensorFlow; compiles it if it is not in the cache."""
+  cxx = cpu_build.compiler(PURPOSE)
+  isa_flags, macros = cpu_build.target_flags(cxx, PURPOSE)
+  cache = cpu_build.cache_dir()
+  path = os.path.join(cache, f"tf_resize_op_{library_key(cxx, isa_flags, macros)}.so")
+  if os.path.exists(path):
+    return path
+  if not os.path.exists(os.path.join(tf.sysconfig.get_include(), "tensorflow", "core", "framework", "op_kernel.h")):
+    raise KernelUnavailable(f"building {PURPOSE} needs TensorFlow's C++ headers, not found in "
+                            f"{tf.sysconfig.get_include()}")
+  os.makedirs(cache, exist_ok=True)
+  print(f"resnext_jax: building {PURPOSE} for this machine and TensorFlow {tf.__version__} ...", file=sys.stderr,
+        flush=True)
+  start = time.perf_counter()
+  with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build beside, then rename: safe for parallel builds
+    out = os.path.join(tmp, "op.so")
+    result = cpu_build.run([cxx, *_FLAGS, *isa_flags, *tf.sysconfig.get_compile_flags(), SOURCE, "-o", out,
+                            *tf.sysconfig.get_link_flags()])
+    if result.returncode != 0:
+      raise KernelUnavailable(f"building {PURPOSE} with {cxx} failed:\n{result.stderr[-2000:]}")
+    os.replace(out, path)
+  print(f"resnext_jax: built {PURPOSE} in {time.perf_counter() - start:.1f} s: {path}", file=sys.stderr, flush=True)
+  return path
