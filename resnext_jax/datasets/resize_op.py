@@ -2,10 +2,10 @@
 
 What it replaces: the fast transforms' last step, `saturate_cast<uint8>(round(ResizeBilinear(window)))` and the
 train flip, four TF ops with a float32 image between them. The op does the same arithmetic in one pass and is
-bit-identical (tests/test_resize_op.py). Measured on ImageNet-like JPEGs (2-core AVX2 EPYC, one tf.data thread):
-a 330 x 330 window to 224 x 224 took 0.21-0.23 ms above a no-op against 0.54-0.56 ms for the TF ops; the
-train transform went from ~506 to ~582 images per CPU-second, eval from ~488 to ~579
-(benchmarks/input_pipeline_benchmark.py, docs/input_pipeline.md).
+bit-identical (tests/test_resize_op.py). Measured on a quiet 2-core AVX2 EPYC, one tf.data thread: a 330 x 330
+window to 224 x 224 took 0.21-0.23 ms above a no-op map, against 0.54-0.56 ms for the TF ops. On ImageNet-like
+JPEGs the train transform went from a median of 517 to 638 images per CPU-second, and eval from 500 to 611
+(benchmarks/input_pipeline_benchmark.py, three runs each; docs/input_pipeline.md).
 
 - Build: the C++ compiler and target flags of the CPU kernels (cpu/build.py: `-march=native` or
   $RESNEXT_JAX_CPU_MARCH), TensorFlow's own compile and link flags (`tf.sysconfig`), `-ffp-contract=off` (a
