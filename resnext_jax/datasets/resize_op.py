@@ -9,11 +9,12 @@ JPEGs the train transform went from a median of 517 to 638 images per CPU-second
 
 - Build: the C++ compiler and target flags of the CPU kernels (cpu/build.py: `-march=native` or
   $RESNEXT_JAX_CPU_MARCH), TensorFlow's own compile and link flags (`tf.sysconfig`), `-ffp-contract=off` (a
-  fused multiply-add would change the last bit), ~10 s on 2 cores, said on the console.
+  fused multiply-add would change the last bit), ~13 s on 2 cores (TF's headers are most of it), said on the
+  console.
 - Cache: beside the CPU kernels ($RESNEXT_JAX_CACHE or ~/.cache/resnext_jax), keyed by the source, the compiler,
   its flags and view of the target, and TensorFlow's version (custom ops are built against its headers).
-- Failure (no compiler, no TF headers, a TF that rejects the library) is remembered for the process and said
-  once; the transforms then use the TF ops, with the same pixels. $RESNEXT_JAX_INPUT_OP=off does the same.
+- A cached library that does not load (a damaged file) is rebuilt once. Failure (no compiler, no TF headers, a
+  TF that rejects the library) is remembered for the process and said once; the transforms then use the TF ops, with the same pixels. $RESNEXT_JAX_INPUT_OP=off does the same.
 """
 
 import functools
@@ -64,12 +65,20 @@ def resize_bilinear_u8(image: tf.Tensor, size: int, flip) -> tf.Tensor | None:
   return None if lib is None else lib.resnext_resize_bilinear_u8(image, flip, size=size)
 
 
+_LOAD_ERRORS = (tf.errors.NotFoundError, tf.errors.InvalidArgumentError, OSError)
+
+
 @functools.cache
 def _load():
   path = build()
   try:
     return tf.load_op_library(path)
-  except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError, OSError) as e:
+  except _LOAD_ERRORS:
+    os.unlink(path)
+  path = build()
+  try:
+    return tf.load_op_library(path)
+  except _LOAD_ERRORS as e:
     raise KernelUnavailable(f"cannot load {PURPOSE} {path}: {e}") from e
 
 
