@@ -2,6 +2,7 @@
 inside the train and eval transforms; bad input named; a failed build said once, with the same pixels."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,3 +110,25 @@ def test_a_damaged_cached_op_is_rebuilt(tmp_path):
   result = subprocess.run([sys.executable, "-c", _DAMAGED], env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stderr.count("built the input pipeline's resize op") == 2, result.stderr  # the first, then again
+
+
+@pytest.mark.skipif(not shutil.which("clang++"), reason="no clang++ (Debian's clang; .ci/run installs it)")
+def test_clang_builds_the_op_and_it_is_still_bit_identical(tmp_path):
+  """Every Mac and many Linux boxes build with clang, whose contraction and vectorisation differ from GCC's."""
+  env = dict(os.environ, CXX="clang++", RESNEXT_JAX_CACHE=str(tmp_path / "cache"), TF_CPP_MIN_LOG_LEVEL="2")
+  result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+                           "bit_for_bit"], env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-4000:]
+  assert [f for f in os.listdir(tmp_path / "cache") if f.startswith("tf_resize_op_")]  # built here, by clang
+
+
+@pytest.mark.skipif(not shutil.which("aarch64-linux-gnu-g++"),
+                    reason="no aarch64 cross-compiler (Debian's g++-aarch64-linux-gnu; .ci/run installs it)")
+def test_the_op_compiles_for_arm():
+  """Arm has no SSE: the portable loops (this machine cannot run them; they compute what the SSE path does)."""
+  result = subprocess.run(["aarch64-linux-gnu-g++", "-fsyntax-only", "-march=armv8-a", *resize_op._FLAGS[:4],  # pylint: disable=protected-access
+                           "-Wall", "-Wno-deprecated-declarations", *tf.sysconfig.get_compile_flags(),
+                           resize_op.SOURCE], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  ours = re.findall(r"resize_bilinear_u8\.cc:\d+:\d+: warning.*", result.stderr)  # TF's headers warn; we do not
+  assert not ours, ours
