@@ -5,8 +5,8 @@
 // bit for bit: TF's interpolation weights and lerps in TF's order, round half to even, and built with
 // -ffp-contract=off so that no multiply and add are fused (tests/test_resize_op.py compares them).
 // Faster because it is one pass instead of four ops with a float32 image between them, each source row is
-// interpolated along x once for the (one or two) output rows that use it, and the loops use SSE / AVX2, which
-// TF's wheels (built for AVX) do not.
+// interpolated along x once for the (one or two) output rows that use it, and the vertical pass, rounding and
+// packing run 8 lanes wide with AVX2 where the host has it (TF's wheels are built for AVX, without AVX2).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
