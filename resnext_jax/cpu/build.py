@@ -94,20 +94,38 @@ def load_in_background():
 
 @functools.cache
 def _load():
-  path = build()
-  try:
-    lib = ctypes.cdll.LoadLibrary(path)
-  except OSError:
-    os.unlink(path)
-    path = build()
-    try:
-      lib = ctypes.cdll.LoadLibrary(path)
-    except OSError as e:
-      raise KernelUnavailable(f"cannot load the CPU kernels {path}: {e}") from e
+  path, lib = load_rebuilding_once(build, ctypes.cdll.LoadLibrary, OSError, "the CPU kernels")
   for symbol, name in TARGETS.items():
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   lib.ResnextJaxIsa.restype = ctypes.c_char_p
   return path, lib.ResnextJaxIsa().decode(), int(lib.ResnextJaxLanes())
+
+
+def load_rebuilding_once(build_fn, load_fn, errors, purpose):
+  """(path, load_fn(path)) of build_fn()'s cached library; one that does not load (a damaged file) is deleted and
+  built again once, then KernelUnavailable."""
+  path = build_fn()
+  try:
+    return path, load_fn(path)
+  except errors:
+    os.unlink(path)
+  path = build_fn()
+  try:
+    return path, load_fn(path)
+  except errors as e:
+    raise KernelUnavailable(f"cannot load {purpose} {path}: {e}") from e
+
+
+def build_beside(path, purpose, detail, compile_into):
+  """Makes `path` with compile_into(tmp) -> a file in a temporary directory beside it, then renames it (safe
+  when processes build at once), saying on the console that it builds `purpose` (`detail`) and how long it took."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  print(f"resnext_jax: building {purpose} {detail} ...", file=sys.stderr, flush=True)
+  start = time.perf_counter()
+  with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+    os.replace(compile_into(tmp), path)
+  print(f"resnext_jax: built {purpose} in {time.perf_counter() - start:.1f} s: {path}", file=sys.stderr, flush=True)
+  return path
 
 
 def target(symbol):
@@ -206,19 +224,14 @@ def build():
   path = os.path.join(cache_dir(), f"cpu_kernels_{library_key()}.so")
   if os.path.exists(path):
     return path
-  os.makedirs(cache_dir(), exist_ok=True)
   flags, _ = target_flags(cxx)
-  print(f"resnext_jax: building the CPU kernels for this machine ({' '.join(flags)}, {cxx}) ...",
-        file=sys.stderr, flush=True)
-  start = time.perf_counter()
-  with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:  # build beside, then rename: safe for parallel builds
-    objects = _compile_all(cxx, flags, tmp)
+
+  def compile_into(tmp):
     library = os.path.join(tmp, "kernels.so")
-    _check(run([cxx, "-shared", *objects, "-o", library]), cxx, "linking")
-    os.replace(library, path)
-  print(f"resnext_jax: built the CPU kernels in {time.perf_counter() - start:.1f} s: {path}", file=sys.stderr,
-        flush=True)
-  return path
+    _check(run([cxx, "-shared", *_compile_all(cxx, flags, tmp), "-o", library]), cxx, "linking")
+    return library
+
+  return build_beside(path, "the CPU kernels", f"for this machine ({' '.join(flags)}, {cxx})", compile_into)
 
 
 def _compile_all(cxx, isa_flags, out_dir):

@@ -14,16 +14,15 @@ JPEGs the train transform went from a median of 517 to 638 images per CPU-second
 - Cache: beside the CPU kernels ($RESNEXT_JAX_CACHE or ~/.cache/resnext_jax), keyed by the source, the compiler,
   its flags and view of the target, and TensorFlow's version (custom ops are built against its headers).
 - A cached library that does not load (a damaged file) is rebuilt once. Failure (no compiler, no TF headers, a
-  TF that rejects the library) is remembered for the process and said once; the transforms then use the TF ops, with the same pixels. $RESNEXT_JAX_INPUT_OP=off does the same.
+  TF that rejects the library) is remembered for the process and said once; the transforms then use the TF
+  ops, with the same pixels. $RESNEXT_JAX_INPUT_OP=off does the same.
 """
 
 import functools
 import hashlib
 import os
 import sys
-import tempfile
 import threading
-import time
 
 import tensorflow as tf
 
@@ -70,16 +69,8 @@ _LOAD_ERRORS = (tf.errors.NotFoundError, tf.errors.InvalidArgumentError, OSError
 
 @functools.cache
 def _load():
-  path = build()
-  try:
-    return tf.load_op_library(path)
-  except _LOAD_ERRORS:
-    os.unlink(path)
-  path = build()
-  try:
-    return tf.load_op_library(path)
-  except _LOAD_ERRORS as e:
-    raise KernelUnavailable(f"cannot load {PURPOSE} {path}: {e}") from e
+  _, lib = cpu_build.load_rebuilding_once(build, tf.load_op_library, _LOAD_ERRORS, PURPOSE)
+  return lib
 
 
 def library_key(cxx, isa_flags, macros) -> str:
@@ -94,23 +85,19 @@ def build() -> str:
   """Path of the op library for this machine and TensorFlow; compiles it if it is not in the cache."""
   cxx = cpu_build.compiler(PURPOSE)
   isa_flags, macros = cpu_build.target_flags(cxx, PURPOSE)
-  cache = cpu_build.cache_dir()
-  path = os.path.join(cache, f"tf_resize_op_{library_key(cxx, isa_flags, macros)}.so")
+  path = os.path.join(cpu_build.cache_dir(), f"tf_resize_op_{library_key(cxx, isa_flags, macros)}.so")
   if os.path.exists(path):
     return path
   if not os.path.exists(os.path.join(tf.sysconfig.get_include(), "tensorflow", "core", "framework", "op_kernel.h")):
     raise KernelUnavailable(f"building {PURPOSE} needs TensorFlow's C++ headers, not found in "
                             f"{tf.sysconfig.get_include()}")
-  os.makedirs(cache, exist_ok=True)
-  print(f"resnext_jax: building {PURPOSE} for this machine and TensorFlow {tf.__version__} ...", file=sys.stderr,
-        flush=True)
-  start = time.perf_counter()
-  with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build beside, then rename: safe for parallel builds
+
+  def compile_into(tmp):
     out = os.path.join(tmp, "op.so")
     result = cpu_build.run([cxx, *_FLAGS, *isa_flags, *tf.sysconfig.get_compile_flags(), SOURCE, "-o", out,
                             *tf.sysconfig.get_link_flags()])
     if result.returncode != 0:
       raise KernelUnavailable(f"building {PURPOSE} with {cxx} failed:\n{result.stderr[-2000:]}")
-    os.replace(out, path)
-  print(f"resnext_jax: built {PURPOSE} in {time.perf_counter() - start:.1f} s: {path}", file=sys.stderr, flush=True)
-  return path
+    return out
+
+  return cpu_build.build_beside(path, PURPOSE, f"for this machine and TensorFlow {tf.__version__}", compile_into)

@@ -159,8 +159,8 @@ def resize_to_uint8(image: tf.Tensor, size: int, antialias: bool = False, flip=N
   Bilinear resizes run as one op where resize_op builds it (bit-identical, faster), else as TF's ops."""
   if not antialias and image.dtype == tf.uint8:
     out = resize_op.resize_bilinear_u8(image, size, tf.constant(False) if flip is None else flip)
-    if out is not None:
-      return tf.ensure_shape(out, (size, size, 3))
+    if out is not None:  # (size, size, 3) statically: the op's shape function says so
+      return out
   out = to_uint8(resize(image, size, antialias))
   return out if flip is None else tf.cond(flip, lambda: tf.reverse(out, [1]), lambda: out)
 
