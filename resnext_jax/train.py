@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import functools
 import json
+import math
 import os
 import signal
 import time
@@ -360,7 +361,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict | None:
   meta = training_meta(config, info)
   try:
     return _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, manager, ckpt_dir, writer,
-                 meta, best_manager)
+                 meta, best_manager, num_eval_examples=info.num_eval_examples)
   finally:
     for m in (manager, best_manager):
       if m is not None:
@@ -370,7 +371,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None) -> dict | None:
 
 
 def _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, manager, ckpt_dir, writer, meta,
-          best_manager=None):
+          best_manager=None, *, num_eval_examples):
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top (imports TensorFlow)
   step = int(runtime.to_host(state.step))
   p_train_step = compile_train_step(config, model, tx, schedule, mesh, state_sharding)
@@ -402,11 +403,13 @@ def _loop(config, workdir, mesh, d, model, tx, schedule, state, state_sharding, 
     last_eval_step = step
 
   # Compiled before the input pipeline starts: on a CPU, 'auto' then times the layers of both steps together on
-  # a machine that is not also decoding images (the loop's calls reuse these traces and executables).
+  # a machine that is not also decoding images (the loop's calls reuse these traces and executables); the eval
+  # step's only where this run evaluates enough images to repay it.
   def trace_steps():
     traced = [p_train_step.trace(state, input_pipeline.train_batch_spec(config, mesh))]
     if _evaluates(d, step):
-      traced.append(evaluate.trace_ahead(p_eval_step, _eval_variables(state), config, mesh))
+      with cpu.autotune.timed_if_it_pays(images=_eval_images(config, d, step, num_eval_examples)):
+        traced.append(evaluate.trace_ahead(p_eval_step, _eval_variables(state), config, mesh))
     return traced
   _compile_side_by_side(cpu.autotune.measure_layers(trace_steps))
   train_iter = input_pipeline.create_train_iterator(config, mesh, start_step=step)
@@ -470,6 +473,17 @@ def _evaluates(d, step: int) -> bool:
   if d.stop_after_steps == d.num_train_steps:
     return True
   return bool(d.eval_every_steps) and d.stop_after_steps // d.eval_every_steps > step // d.eval_every_steps
+
+
+def _eval_images(config, d, step: int, num_eval_examples: int) -> int:
+  """Images the eval step runs on from `step` to the end of this run (padding and flip TTA included): what
+  'auto' weighs timing its layers against (cpu/autotune.py, timed_if_it_pays)."""
+  every, stop = d.eval_every_steps, d.stop_after_steps
+  evals = stop // every - step // every if every else 0
+  if stop == d.num_train_steps and (not every or stop % every or step == stop):
+    evals += 1  # the final eval, where no periodic one falls on the last step (or the run resumed there)
+  batches = math.ceil(num_eval_examples / config.eval_batch_size)
+  return evals * batches * config.eval_batch_size * (2 if config.get("eval_flip_tta", False) else 1)
 
 
 def _stop_profiler():

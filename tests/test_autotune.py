@@ -173,3 +173,49 @@ def test_layers_met_in_a_trace_are_timed_together_then_traced_again(measuring, m
   events.clear(), chosen.clear()
   autotune.measure_layers(lambda: jax.jit(lambda x: layer(x, "toy a")).trace(x))
   assert chosen == ["fast"] and not events  # measured before: a single pass
+
+
+def test_layers_a_job_runs_on_few_images_are_timed_only_where_it_pays(measuring, monkeypatch):
+  """timed_if_it_pays: a layer the job runs on a handful of images keeps its recorded default (recorded as
+  untimed, so the same job run again weighs nothing), one it runs on many is timed; a job that runs the layer
+  on more images, or one that always runs it, times it."""
+  events, chosen = [], []
+  compile_ = autotune._compile  # pylint: disable=protected-access
+  monkeypatch.setattr(autotune, "_compile", lambda *a: events.append("compile") or compile_(*a))
+
+  def layer(x, op):
+    chosen.append(autotune.choose(op, _candidates(), (x,), default="slow"))
+    return _candidates()[chosen[-1]](x)
+
+  def job(eval_images, eval_op="toy eval", train_op="toy train"):
+    events.clear(), chosen.clear()
+    x = jnp.ones((64, 128))
+    def trace():
+      traced = [jax.jit(lambda x: layer(x, train_op)).trace(x)]
+      with autotune.timed_if_it_pays(images=eval_images):
+        traced.append(jax.jit(lambda x: layer(x, eval_op)).trace(x))
+      return traced
+    with autotune.explain() as log:
+      autotune.measure_layers(trace)
+    return log
+
+  log = job(eval_images=1)  # ~1 us per image in 'toy train': far less than timing 'toy eval' costs
+  assert chosen == ["slow", "slow", "fast", "slow"] and events == ["compile"] * 2, (chosen, events)
+  assert any("not timed" in d["reason"] and d["op"] == "toy eval" for d in log), log
+  table = json.loads(measuring.read_text())
+  assert [table[k] for k in table if k.startswith("untimed for 1 images toy eval ")] == ["slow"], table
+
+  job(eval_images=1)  # the same job again: one pass, nothing timed or weighed
+  assert chosen == ["fast", "slow"] and not events, (chosen, events)
+
+  monkeypatch.setattr(autotune, "_memory", {})
+  x = jax.ShapeDtypeStruct((64, 128), jnp.float32)
+  assert autotune.choose("toy eval", _candidates(), (x,), default="slow") == "fast"  # a step that always runs it
+
+  job(eval_images=10**9, eval_op="toy eval big", train_op="toy train 2")  # more time in it than timing costs
+  assert chosen[-1] == "fast" and events == ["compile"] * 4, (chosen, events)
+
+  job(eval_images=1, eval_op="toy eval small", train_op="toy train 3")
+  assert chosen[-1] == "slow"
+  job(eval_images=2, eval_op="toy eval small", train_op="toy train 3")  # more images than weighed before
+  assert chosen[-1] == "fast" and events == ["compile"] * 2, (chosen, events)

@@ -162,8 +162,9 @@ def test_digits_train_eval_predict(tmp_path, digits_dir, capsys, monkeypatch):
 
 
 def test_measuring_layers_traces_each_step_twice_then_never_again(tmp_path, digits_dir, monkeypatch):
-  """With 'auto' measuring (a fresh choices file), the job traces both steps once dry, times every layer they
-  meet together, and traces them once more with the measured choices; the loop and its evals reuse those."""
+  """With 'auto' measuring (a fresh choices file), the job traces both steps once dry, times the layers they
+  meet together (the eval step's where its evals repay it), and traces them once more with the measured
+  choices; the loop and its evals reuse those."""
   from resnext_jax.cpu import autotune  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("RESNEXT_JAX_AUTOTUNE", "on")
   monkeypatch.setattr(autotune, "cache_path", lambda: str(tmp_path / "choices.json"))
@@ -177,7 +178,9 @@ def test_measuring_layers_traces_each_step_twice_then_never_again(tmp_path, digi
   train.train_and_evaluate(config, str(tmp_path / "wd"))
   assert traces == ["train", "eval"] * 2, f"steps traced: {traces}"
   choices = json.loads((tmp_path / "choices.json").read_text())
-  assert any(" fwd+bwd " in k for k in choices) and any(" fwd " in k for k in choices), choices
+  assert any(" fwd+bwd " in k and not k.startswith(autotune.UNTIMED) for k in choices), choices
+  # Two evals of 320 images (299, padded): too few to repay timing the eval step's layers (autotune._pays_off).
+  assert any(k.startswith(f"{autotune.UNTIMED}640 images ") and " fwd " in k for k in choices), choices
 
 
 def test_converted_checkpoint_eval_and_predict(tmp_path, digits_dir, capsys):
@@ -251,3 +254,20 @@ def test_imagenet_class_names():
 def test_the_eval_step_is_compiled_ahead_only_for_runs_that_evaluate(every, stop, step, evaluates):
   d = types.SimpleNamespace(num_train_steps=10, eval_every_steps=every, stop_after_steps=stop)
   assert train._evaluates(d, step) == evaluates  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("every, stop, step, flip_tta, evals", [
+    (115, 345, 0, False, 3),    # the digits demo: evals at 115, 230 and 345 (the last is the final one)
+    (100, 345, 0, False, 4),    # 100, 200, 300, and the final eval at 345
+    (0, 345, 0, False, 1),      # the final eval only
+    (115, 345, 345, False, 1),  # resumed at the end: the final eval runs again
+    (115, 200, 0, False, 1),    # a time-sliced run to step 200: the eval at 115, no final eval
+    (115, 345, 0, True, 6),     # flip TTA: two forward passes per image
+])
+def test_eval_images_counts_what_the_run_evaluates(every, stop, step, flip_tta, evals):
+  """What 'auto' weighs timing the eval step's layers against: every eval this run makes, padded batches."""
+  from resnext_jax import optim  # pylint: disable=g-import-not-at-top
+  d = optim.Durations(steps_per_epoch=23, num_train_steps=345, warmup_steps=23, lr_boundaries=(),
+                      eval_every_steps=every, stop_after_steps=stop)
+  config = tiny_config(eval_batch_size=320, eval_flip_tta=flip_tta)
+  assert train._eval_images(config, d, step, num_eval_examples=299) == evals * 320  # pylint: disable=protected-access

@@ -17,10 +17,14 @@ target ISA, jaxlib) and jax's version; later runs read it and time nothing.
   another process has recorded meanwhile takes the recorded choice.
 - `measure_layers(trace)` times every layer a trace meets together (the jobs trace their steps in it): all
   candidates of all layers compile side by side, rather than one layer's few at a time.
+- `timed_if_it_pays(images)` marks layers that a job runs on only `images` images in all (the training job's
+  evals): measure_layers times them only where that can repay the timing, else keeps the recorded defaults
+  and records that they were not timed (a job that evaluates, e.g. evaluate.py, times them).
 - `explain()` collects every decision (layer, candidates, milliseconds, reason) while a model is traced:
   `python -m resnext_jax.summary MODEL --explain` prints them.
 """
 
+import collections
 import concurrent.futures
 import contextlib
 import fcntl
@@ -44,7 +48,8 @@ MIN_SECONDS = 0.02        # a layer's candidates take at least 3 turns and this 
 
 _memory = {}              # signature -> choice, this process
 _explain_logs = []        # active explain() lists
-_local = threading.local()  # .table: using_table() depth
+_local = threading.local()  # .table: using_table() depth; .pending: measure_layers' dry pass; .images
+UNTIMED = "untimed for "  # cache key 'untimed for N images <signature>': its default, as timing would not pay
 
 
 def enabled():
@@ -62,6 +67,17 @@ def using_table():
     yield
   finally:
     _local.table -= 1
+
+
+@contextlib.contextmanager
+def timed_if_it_pays(images):
+  """Within this block (this thread), layers run on about `images` images in the whole job; measure_layers
+  times them only where that can repay the timing (see _pays_off)."""
+  outer, _local.images = getattr(_local, "images", None), images
+  try:
+    yield
+  finally:
+    _local.images = outer
 
 
 @contextlib.contextmanager
@@ -92,19 +108,33 @@ def choose(op, candidates, args, default, *, batched=(0,), backward=True):
     return _decided(op, signature, default, _why_table())
   if signature in _memory:
     return _decided(op, signature, _memory[signature], "measured earlier in this process")
-  recorded = _read_cache().get(signature)
+  cache = _read_cache()
+  recorded = cache.get(signature)
   if recorded in names:
     _memory[signature] = recorded
     return _decided(op, signature, recorded, "measured on this machine before (cache)")
+  job_images = getattr(_local, "images", None)
+  untimed = _untimed_choice({**cache, **_memory}, signature, job_images)
+  if untimed in names:
+    return _decided(op, signature, untimed, f"recorded default, not timed: timing would not pay for this job's "
+                    f"{job_images} images (decided before)")
   images = timing_images([a for i, a in enumerate(args) if i in batched])
   structs = [_shrink(a, images if i in batched else None) for i, a in enumerate(args)]
   pending = getattr(_local, "pending", None)
   if pending is not None:  # measure_layers' dry pass: timed with the others when the pass ends
-    pending.setdefault(signature, (op, candidates, structs, backward))
+    layer = _Pending(op, candidates, structs, backward, default, images, job_images)
+    if pending.get(signature, layer).job_images is None:  # a layer of a step that always runs stays timed
+      layer = layer._replace(job_images=None)
+    pending[signature] = layer
     return default
   with concurrent.futures.ThreadPoolExecutor(1) as pool:  # outside the caller's trace (trace state is per thread)
     times = pool.submit(_time_layers, [(candidates, structs, backward)]).result()[0]
   return _keep_fastest(op, signature, times)
+
+
+class _Pending(collections.namedtuple("_Pending", "op candidates structs backward default images job_images")):
+  """A layer measure_layers' dry pass met: its candidates, the cut arguments (`images` of the batch) and, under
+  timed_if_it_pays, the images the job runs it on (job_images; None: a layer of a step that always runs)."""
 
 
 def measure_layers(trace):
@@ -114,7 +144,8 @@ def measure_layers(trace):
   default. Then every candidate of every collected layer is compiled in one pool over all cores and timed,
   one after another, and the choices are recorded; jax.clear_caches() drops the dry traces and trace() runs
   again, now taking the measured choices. Where nothing needed timing (cached, or measuring off) the dry pass
-  was the real one: one trace, nothing dropped.
+  was the real one: one trace, nothing dropped. Layers met under timed_if_it_pays are timed after the others,
+  where _pays_off says so.
 
   Why: one layer's 2-4 candidates compiled at a time left a core idle most of the time (a grouped conv's
   'matmul' candidate compiles in 1.3-2.5 s, its 'kernel' in 0.1 s). The digits demo's 48 layers, 2-core AVX2
@@ -128,15 +159,66 @@ def measure_layers(trace):
   if not pending:
     return result
   start = time.perf_counter()
-  layers = list(pending.items())
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:  # outside any trace of the caller's
-    times = pool.submit(_time_layers, [layer[1:] for _, layer in layers]).result()
-  for (signature, (op, *_)), layer_times in zip(layers, times):
-    _keep_fastest(op, signature, layer_times)
-  logging.info("auto: timed %d layer shapes on this machine in %.1f s (cached in %s)", len(layers),
+  always = [(sig, layer) for sig, layer in pending.items() if layer.job_images is None]
+  occasional = [(sig, layer) for sig, layer in pending.items() if layer.job_images is not None]
+  seconds_per_image = _time_and_keep(always)
+  spent = time.perf_counter() - start
+  if occasional and _pays_off(occasional, seconds_per_image, spent / max(len(always), 1), bool(always)):
+    _time_and_keep(occasional)
+    always += occasional
+  logging.info("auto: timed %d layer shapes on this machine in %.1f s (cached in %s)", len(always),
                time.perf_counter() - start, cache_path())
   jax.clear_caches()
   return trace()
+
+
+def _time_and_keep(layers):
+  """Times [(signature, _Pending)] together and records each fastest; returns the seconds per image of the
+  fastest candidates, summed over the layers (what those layers cost one image)."""
+  if not layers:
+    return 0.0
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:  # outside any trace of the caller's
+    times = pool.submit(_time_layers, [(l.candidates, l.structs, l.backward) for _, l in layers]).result()
+  for (signature, layer), layer_times in zip(layers, times):
+    _keep_fastest(layer.op, signature, layer_times)
+  return sum(min(t.values()) / layer.images for (_, layer), t in zip(layers, times))
+
+
+def _pays_off(occasional, seconds_per_image, seconds_per_layer, measured):
+  """Whether timing the occasional layers ([(signature, _Pending)], run on job_images images in all) can save
+  more than it costs; where not, records their defaults as untimed (UNTIMED keys: the same job run again does
+  not weigh it again; a job that runs them more still times them).
+
+  The saving is bounded by all the time the job spends in those layers, at most job_images x the per-image
+  forward+backward time of the layers just timed (the train step's: the same layers with a backward pass). The
+  cost is the time those layers took to time, per layer. Where nothing was timed alongside (no bound), they are
+  timed. The digits demo (2-core AVX2 EPYC): 960 eval images, at most ~1 s in those layers, against 6-7 s to
+  time the eval step's 24 layer shapes.
+  """
+  images = max(layer.job_images for _, layer in occasional)
+  bound, cost = images * seconds_per_image, seconds_per_layer * len(occasional)
+  if not measured or bound >= cost:
+    return True
+  reason = (f"recorded default: not timed, as this job runs it on {images} images, at most ~{bound:.1f} s in "
+            f"these {len(occasional)} layers, less than timing them would take (~{cost:.0f} s)")
+  for signature, layer in occasional:
+    key = f"{UNTIMED}{images} images {signature}"
+    choice = _memory[key] = _record(key, layer.default)
+    _decided(layer.op, signature, choice, reason)
+  return False
+
+
+def _untimed_choice(table, signature, images):
+  """The default recorded as not worth timing for `signature` in a job of `images` images or more (timing pays
+  still less on fewer), from `table` (the cache, this process's memory); None if none applies."""
+  if images is None:
+    return None
+  for key, choice in table.items():
+    if key.startswith(UNTIMED) and key.endswith(f" images {signature}"):
+      recorded_images = key[len(UNTIMED):].split(" ", 1)[0]
+      if recorded_images.isdigit() and images <= int(recorded_images):
+        return choice
+  return None
 
 
 def _keep_fastest(op, signature, times):
