@@ -199,8 +199,10 @@ def _pays_off(occasional, seconds_per_image, seconds_per_layer, measured):
   bound, cost = images * seconds_per_image, seconds_per_layer * len(occasional)
   if not measured or bound >= cost:
     return True
-  reason = (f"recorded default: not timed, as this job runs it on {images} images, at most ~{bound:.1f} s in "
-            f"these {len(occasional)} layers, less than timing them would take (~{cost:.0f} s)")
+  why = (f"not timed: this job runs these {len(occasional)} layers on {images} images, at most ~{bound:.1f} s, "
+         f"less than timing them would take (~{cost:.0f} s)")
+  logging.info("auto: %d layer shapes keep their recorded defaults: %s", len(occasional), why)
+  reason = f"recorded default: {why}"
   for signature, layer in occasional:
     key = f"{UNTIMED}{images} images {signature}"
     choice = _memory[key] = _record(key, layer.default)
