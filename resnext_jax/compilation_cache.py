@@ -2,9 +2,9 @@
 again) loads the compiled executable from disk instead of compiling it again.
 
 config.compilation_cache_dir picks the directory: "" (the default) means ~/.cache/resnext_jax/xla (or
-$RESNEXT_JAX_XLA_CACHE), "none" turns the cache off. Entries are cached whatever their size, and once they took
-config.compilation_cache_min_compile_secs (0.5 s) to compile, which keeps XLA:CPU's long train-step compiles
-(tens of seconds) and skips the many millisecond ones. A directory set by JAX_COMPILATION_CACHE_DIR (as the test
+$RESNEXT_JAX_XLA_CACHE), "none" (in either) turns the cache off. Entries are cached whatever their size, and
+once they took config.compilation_cache_min_compile_secs (0.5 s) to compile, which keeps XLA:CPU's long
+train-step compiles (tens of seconds) and skips the many millisecond ones. A directory set by JAX_COMPILATION_CACHE_DIR (as the test
 suite does) is left as it is. `counts()` says how many compilations this process served from the cache.
 """
 
@@ -25,14 +25,16 @@ def default_dir() -> str:
 
 
 def enable(directory: str | None = "", *, min_compile_secs: float = 0.5) -> str | None:
-  """Turns the persistent cache on in `directory` ("" or None: default_dir(); "none": off); returns the directory
-  in use, or None when off. Compilations after the call are cached."""
+  """Turns the persistent cache on in `directory` ("" or None: default_dir(); "none", there or in
+  $RESNEXT_JAX_XLA_CACHE: off); returns the directory in use, or None when off. Compilations after the call are
+  cached."""
   _listen()
   if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return os.environ["JAX_COMPILATION_CACHE_DIR"]  # the environment's choice wins (e.g. the tests' shared cache)
-  if directory is not None and str(directory).lower() == "none":
+  directory = directory or default_dir()
+  if str(directory).lower() == "none":  # from the config or from $RESNEXT_JAX_XLA_CACHE
     return None
-  directory = os.path.abspath(os.path.expanduser(directory or default_dir()))
+  directory = os.path.abspath(os.path.expanduser(directory))
   try:
     os.makedirs(directory, exist_ok=True)
   except OSError as e:
