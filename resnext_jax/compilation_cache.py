@@ -5,7 +5,8 @@ config.compilation_cache_dir picks the directory: "" (the default) means ~/.cach
 $RESNEXT_JAX_XLA_CACHE), "none" (in either) turns the cache off. Entries are cached whatever their size, and
 once they took config.compilation_cache_min_compile_secs (0.5 s) to compile, which keeps XLA:CPU's long
 train-step compiles (tens of seconds) and skips the many millisecond ones. A directory set by
-JAX_COMPILATION_CACHE_DIR (as the test suite does) is left as it is. `counts()` says how many compilations this process served from the cache.
+JAX_COMPILATION_CACHE_DIR (as the test suite does) is left as it is. `counts()` says how many compilations this
+process served from the cache.
 """
 
 import collections
