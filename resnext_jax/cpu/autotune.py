@@ -193,7 +193,8 @@ def _pays_off(occasional, seconds_per_image, seconds_per_layer, measured):
   forward+backward time of the layers just timed (the train step's: the same layers with a backward pass). The
   cost is the time those layers took to time, per layer. Where nothing was timed alongside (no bound), they are
   timed. The digits demo (2-core AVX2 EPYC): 960 eval images, at most ~1 s in those layers, against ~9 s
-  estimated (6-9 s measured) to time the eval step's 24 layer shapes; cold demos 61-76 s instead of 70-79 s.
+  estimated (5-8 s measured: 48 shapes in 14.3-18.0 s, 24 in 8.6-9.7) to time the eval step's 24 layer
+  shapes; cold demos 61-76 s instead of 70-79 s.
   """
   images = max(layer.job_images for _, layer in occasional)
   bound, cost = images * seconds_per_image, seconds_per_layer * len(occasional)
