@@ -75,8 +75,13 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     tfevents = [f for f in os.listdir(workdir) if f.startswith("events")] if os.path.isdir(workdir) else []
     if tfevents and os.path.getsize(os.path.join(workdir, tfevents[0])) > 2000:  # steps are being logged
       break
+  assert proc.poll() is None, f"main.py ended before it was signalled:\n{proc.communicate()[1][-3000:]}"
   proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=120)
+  try:
+    out, err = proc.communicate(timeout=120)
+  except subprocess.TimeoutExpired:  # it ignored the signal: stop it, and say so rather than time out
+    proc.kill()
+    pytest.fail(f"main.py was still running 120 s after SIGTERM:\n{proc.communicate()[1][-3000:]}")
   assert proc.returncode == 0, err[-3000:]
   assert "Preemption signal: saved a checkpoint at step" in err
   steps = [int(s) for s in os.listdir(events) if s.isdigit()]
