@@ -52,8 +52,6 @@ TARGETS = {
     "MatMulKernelGrad": "resnext_jax_matmul_kernel_grad",
 }
 
-_failure = None  # the KernelUnavailable of this process's failed build, raised again without rebuilding
-_loading = threading.Lock()  # held while building or loading: a second caller waits instead of building again
 
 
 def available():
@@ -65,23 +63,35 @@ def available():
     return False
 
 
+class LoadOnce:
+  """load() (a cached function) behind a lock, so that concurrent first callers wait instead of building again; a
+  KernelUnavailable is said once on the console with what runs instead (`fallback`), then raised again on every
+  later call without building again: one failed build per process at most. The CPU kernels and the input
+  pipeline's resize op load through one each."""
+
+  def __init__(self, load, fallback):
+    self._load, self._fallback = load, fallback
+    self._lock, self._failure = threading.Lock(), None
+
+  def __call__(self):
+    with self._lock:
+      if self._failure is not None:
+        raise self._failure
+      try:
+        return self._load()
+      except KernelUnavailable as e:
+        self._failure = e
+        print(f"resnext_jax: {e}\nresnext_jax: {self._fallback}", file=sys.stderr, flush=True)
+        raise
+
+
 def load():
   """Builds (or finds in the cache) the library and registers its FFI targets; once per process.
 
   A cached library that does not load (a damaged file) is rebuilt once. A failure is raised again on every
   later call without building again.
   """
-  global _failure
-  with _loading:
-    if _failure is not None:
-      raise _failure
-    try:
-      return _load()
-    except KernelUnavailable as e:
-      _failure = e
-      print(f"resnext_jax: {e}\nresnext_jax: using the portable XLA implementations instead", file=sys.stderr,
-            flush=True)
-      raise
+  return _load_once()
 
 
 def load_in_background():
@@ -99,6 +109,9 @@ def _load():
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   lib.ResnextJaxIsa.restype = ctypes.c_char_p
   return path, lib.ResnextJaxIsa().decode(), int(lib.ResnextJaxLanes())
+
+
+_load_once = LoadOnce(lambda: _load(), "using the portable XLA implementations instead")
 
 
 def load_rebuilding_once(build_fn, load_fn, errors, purpose):

@@ -21,8 +21,6 @@ JPEGs the train transform went from a median of 517 to 638 images per CPU-second
 import functools
 import hashlib
 import os
-import sys
-import threading
 
 import tensorflow as tf
 
@@ -33,8 +31,6 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "resiz
 PURPOSE = "the input pipeline's resize op"
 _FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-Wno-deprecated-declarations"]
 
-_lock = threading.Lock()  # one build per process; tf.data may trace transforms from several threads
-_failure = None
 
 
 def enabled() -> bool:
@@ -43,19 +39,12 @@ def enabled() -> bool:
 
 def library():
   """The loaded op library (its ops as Python functions), or None where it is switched off or cannot be built."""
-  global _failure
   if not enabled():
     return None
-  with _lock:
-    if _failure is not None:
-      return None
-    try:
-      return _load()
-    except KernelUnavailable as e:
-      _failure = e
-      print(f"resnext_jax: {e}\nresnext_jax: the input pipeline resizes with TensorFlow's ops instead (same pixels)",
-            file=sys.stderr, flush=True)
-      return None
+  try:
+    return _load_once()  # locked: tf.data may trace transforms from several threads
+  except KernelUnavailable:
+    return None
 
 
 def resize_bilinear_u8(image: tf.Tensor, size: int, flip) -> tf.Tensor | None:
@@ -71,6 +60,9 @@ _LOAD_ERRORS = (tf.errors.NotFoundError, tf.errors.InvalidArgumentError, OSError
 def _load():
   _, lib = cpu_build.load_rebuilding_once(build, tf.load_op_library, _LOAD_ERRORS, PURPOSE)
   return lib
+
+
+_load_once = cpu_build.LoadOnce(_load, "the input pipeline resizes with TensorFlow's ops instead (same pixels)")
 
 
 def library_key(cxx, isa_flags, macros) -> str:
