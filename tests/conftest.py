@@ -1,10 +1,12 @@
-"""Shared fixtures: tiny training configs, a prepared digits dataset, and main.py in a subprocess.
+"""Shared fixtures: tiny training configs, a prepared digits dataset, main.py in a subprocess, and the
+launching of several processes that run together (jax.distributed over loopback).
 
 Tests marked `slow` (beyond the CI budget) are deselected in CI with `-m "not slow"`.
 """
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -105,12 +107,34 @@ def digits_dir(tmp_path_factory):
   return path
 
 
+def process_env(devices: int, **extra) -> dict:
+  """The environment of a test's subprocess: the CPU backend with `devices` fake devices, this repo importable."""
+  return dict(os.environ, **extra, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
 def run_main(args, *, devices=1, timeout=420, env=None):
   """Runs main.py in a fresh process with `devices` fake CPU devices; returns the CompletedProcess."""
-  env = dict(os.environ, **(env or {}), JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args], cwd=REPO,
+                        env=process_env(devices, **(env or {})), capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+  """A free TCP port on the loopback interface, for jax.distributed's coordinator."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def communicate_all(procs, timeout):
+  """[(stdout, stderr)] of each of `procs`; any still running when this returns or raises (a timeout) is killed,
+  so that a failed test leaves no process behind."""
+  try:
+    return [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
 
 
 def last_json(stdout: str) -> dict:

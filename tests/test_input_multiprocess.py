@@ -1,17 +1,16 @@
 """Two real JAX processes (jax.distributed on CPU, 2 fake devices each) reading the digits together."""
 
-import os
-import socket
 import subprocess
 import sys
 import textwrap
 
+from conftest import communicate_all, free_port, process_env
 from test_input_pipeline import NUM_TEST, REPO, data_dir  # pylint: disable=unused-import (data_dir is a fixture)
 
 _PROCESS = textwrap.dedent("""
     import sys
     import jax, numpy as np
-    jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[3]))
+    jax.distributed.initialize(f"127.0.0.1:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[3]))
     from jax.sharding import Mesh
     from resnext_jax.configs import default
     from resnext_jax import input_pipeline
@@ -30,14 +29,10 @@ _PROCESS = textwrap.dedent("""
 
 
 def test_two_processes(data_dir):
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-             PYTHONPATH=REPO)
-  procs = [subprocess.Popen([sys.executable, "-c", _PROCESS, data_dir, str(port), str(i)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=300) for p in procs]
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, "-c", _PROCESS, data_dir, str(port), str(i)], env=process_env(2),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = communicate_all(procs, timeout=300)
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
   results = [line.split()[1:] for out, _ in outputs for line in out.splitlines() if line.startswith("RESULT")]

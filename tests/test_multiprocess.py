@@ -2,37 +2,25 @@
 evaluate together through main.py; one process then restores their checkpoint and gets identical eval results."""
 
 import os
-import socket
 import subprocess
 import sys
 
-from conftest import REPO, assert_same_eval, last_json, tiny_config
+from conftest import REPO, assert_same_eval, communicate_all, free_port, last_json, process_env, tiny_config
 from resnext_jax import evaluate
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def test_two_processes_train_and_evaluate(tmp_path, digits_dir, capsys):
   workdir = str(tmp_path / "wd")
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  port = free_port()
   flags = ["--config=configs/digits_resnext.py:tiny", f"--config.data_dir={digits_dir}", "--config.image_size=16",
            "--config.num_train_steps=4", "--config.batch_size=32", "--config.eval_batch_size=64",
            "--config.checkpoint_every_steps=2", "--config.ema_decay=0.5", f"--workdir={workdir}",
            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
   procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "main.py"), *flags, f"--process_id={i}"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=process_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
            for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=400) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  outputs = communicate_all(procs, timeout=400)
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-4000:]
     assert "Process %d of 2; 2 local / 4 global devices." % procs.index(p) in err

@@ -8,7 +8,6 @@ would go unnoticed)."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,12 @@ import jax
 from jax.sharding import Mesh
 import numpy as np
 
-from conftest import REPO, tiny_config
+from conftest import REPO, communicate_all, free_port, process_env, tiny_config
 from resnext_jax import input_pipeline
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 NUM_TRAIN = 1498  # = 2 x 7 x 107: batch 214 is 7 steps, 107 examples of each process's half of 749 per step
 STEPS_PER_EPOCH = 7
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _config(digits_dir, **overrides):
@@ -81,20 +74,6 @@ print("RESULT " + json.dumps({{"steps": steps[0], "saved": saved, "result": resu
 """
 
 
-def _env(devices):
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-
-
-def _communicate(procs, timeout):
-  try:
-    return [p.communicate(timeout=timeout) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-
-
 def _epoch_images(digits_dir):
   """Every training example once, as the pipeline delivers it (one process, one device, the epoch as one batch)."""
   config = _config(digits_dir, batch_size=NUM_TRAIN)
@@ -119,11 +98,11 @@ def _sorted_rows(images):
 
 
 def test_two_processes_read_the_epoch_once_stop_together_and_hold_the_same_state(tmp_path, digits_dir):
-  port, workdir = _free_port(), str(tmp_path / "wd")
+  port, workdir = free_port(), str(tmp_path / "wd")
   os.makedirs(workdir)
   code = _PROCESS.format(tests=TESTS)
   procs = [subprocess.Popen([sys.executable, "-c", code, digits_dir, str(port), str(i), workdir], cwd=REPO,
-                            env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=process_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   try:
     progress = [os.path.join(workdir, f"progress{i}") for i in range(2)]
@@ -136,7 +115,7 @@ def test_two_processes_read_the_epoch_once_stop_together_and_hold_the_same_state
     assert not ended, f"a process ended before the signal: {ended}"
     assert all(_progress(f) > STEPS_PER_EPOCH for f in progress), "no epoch read within the deadline"
     procs[1].send_signal(signal.SIGTERM)  # process 0 gets no signal: it must learn of it from the service
-    outputs = _communicate(procs, timeout=240)
+    outputs = communicate_all(procs, timeout=240)
   finally:
     for p in procs:
       if p.poll() is None:
