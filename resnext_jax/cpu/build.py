@@ -53,7 +53,6 @@ TARGETS = {
 }
 
 
-
 def available():
   """Whether the kernels are built and registered (builds them on the first call of the process)."""
   try:
@@ -111,7 +110,7 @@ def _load():
   return path, lib.ResnextJaxIsa().decode(), int(lib.ResnextJaxLanes())
 
 
-_load_once = LoadOnce(lambda: _load(), "using the portable XLA implementations instead")
+_load_once = LoadOnce(_load, "using the portable XLA implementations instead")
 
 
 def load_rebuilding_once(build_fn, load_fn, errors, purpose):

@@ -32,7 +32,6 @@ PURPOSE = "the input pipeline's resize op"
 _FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-Wno-deprecated-declarations"]
 
 
-
 def enabled() -> bool:
   return os.environ.get("RESNEXT_JAX_INPUT_OP", "on").lower() not in ("0", "off", "false")
 
