@@ -63,25 +63,27 @@ def available():
 
 
 class LoadOnce:
-  """load() (a cached function) behind a lock, so that concurrent first callers wait instead of building again; a
-  KernelUnavailable is said once on the console with what runs instead (`fallback`), then raised again on every
-  later call without building again: one failed build per process at most. The CPU kernels and the input
-  pipeline's resize op load through one each."""
+  """load()'s result, computed once per process behind a lock, so that concurrent first callers wait instead of
+  building again; a KernelUnavailable is said once on the console with what runs instead (`fallback`), then
+  raised again on every later call without building again: one failed build per process at most. The CPU
+  kernels and the input pipeline's resize op load through one each."""
 
   def __init__(self, load, fallback):
     self._load, self._fallback = load, fallback
-    self._lock, self._failure = threading.Lock(), None
+    self._lock, self._result, self._failure = threading.Lock(), None, None
 
   def __call__(self):
     with self._lock:
       if self._failure is not None:
         raise self._failure
-      try:
-        return self._load()
-      except KernelUnavailable as e:
-        self._failure = e
-        print(f"resnext_jax: {e}\nresnext_jax: {self._fallback}", file=sys.stderr, flush=True)
-        raise
+      if self._result is None:
+        try:
+          self._result = self._load()
+        except KernelUnavailable as e:
+          self._failure = e
+          print(f"resnext_jax: {e}\nresnext_jax: {self._fallback}", file=sys.stderr, flush=True)
+          raise
+      return self._result
 
 
 def load():
@@ -101,7 +103,6 @@ def load_in_background():
   return thread
 
 
-@functools.cache
 def _load():
   path, lib = load_rebuilding_once(build, ctypes.cdll.LoadLibrary, OSError, "the CPU kernels")
   for symbol, name in TARGETS.items():
@@ -240,7 +241,7 @@ def build():
 
   def compile_into(tmp):
     library = os.path.join(tmp, "kernels.so")
-    _check(run([cxx, "-shared", *_compile_all(cxx, flags, tmp), "-o", library]), cxx, "linking")
+    check(run([cxx, "-shared", *_compile_all(cxx, flags, tmp), "-o", library]), cxx, "linking")
     return library
 
   return build_beside(path, "the CPU kernels", f"for this machine ({' '.join(flags)}, {cxx})", compile_into)
@@ -256,7 +257,7 @@ def _compile_all(cxx, isa_flags, out_dir):
   with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
     results = dict(zip(commands, pool.map(run, commands.values())))
   for name, result in results.items():
-    _check(result, cxx, name)
+    check(result, cxx, name)
   return [cmd[-1] for cmd in commands.values()]
 
 
@@ -285,6 +286,7 @@ def _translation_units(sources, count, out_dir):
   return units
 
 
-def _check(result, cxx, what):
+def check(result, cxx, what, purpose="the CPU kernels"):
+  """KernelUnavailable naming `purpose`, the compiler and the step (`what`) where a compiler command failed."""
   if result.returncode != 0:
-    raise KernelUnavailable(f"building the CPU kernels with {cxx} failed ({what}):\n{result.stderr[-2000:]}")
+    raise KernelUnavailable(f"building {purpose} with {cxx} failed ({what}):\n{result.stderr[-2000:]}")

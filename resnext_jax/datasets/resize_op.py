@@ -18,7 +18,6 @@ JPEGs the train transform went from a median of 517 to 638 images per CPU-second
   ops, with the same pixels. $RESNEXT_JAX_INPUT_OP=off does the same.
 """
 
-import functools
 import hashlib
 import os
 
@@ -55,7 +54,6 @@ def resize_bilinear_u8(image: tf.Tensor, size: int, flip) -> tf.Tensor | None:
 _LOAD_ERRORS = (tf.errors.NotFoundError, tf.errors.InvalidArgumentError, OSError)
 
 
-@functools.cache
 def _load():
   _, lib = cpu_build.load_rebuilding_once(build, tf.load_op_library, _LOAD_ERRORS, PURPOSE)
   return lib
@@ -85,10 +83,8 @@ def build() -> str:
 
   def compile_into(tmp):
     out = os.path.join(tmp, "op.so")
-    result = cpu_build.run([cxx, *_FLAGS, *isa_flags, *tf.sysconfig.get_compile_flags(), SOURCE, "-o", out,
-                            *tf.sysconfig.get_link_flags()])
-    if result.returncode != 0:
-      raise KernelUnavailable(f"building {PURPOSE} with {cxx} failed:\n{result.stderr[-2000:]}")
+    cpu_build.check(cpu_build.run([cxx, *_FLAGS, *isa_flags, *tf.sysconfig.get_compile_flags(), SOURCE, "-o", out,
+                                   *tf.sysconfig.get_link_flags()]), cxx, "compiling and linking", PURPOSE)
     return out
 
   return cpu_build.build_beside(path, PURPOSE, f"for this machine and TensorFlow {tf.__version__}", compile_into)
