@@ -470,20 +470,24 @@ def _compile_side_by_side(traced) -> None:
 
 def _evaluates(d, step: int) -> bool:
   """Whether this run, from `step` to d.stop_after_steps, evaluates (periodically, or at the end of training)."""
-  if d.stop_after_steps == d.num_train_steps:
-    return True
-  return bool(d.eval_every_steps) and d.stop_after_steps // d.eval_every_steps > step // d.eval_every_steps
+  return _evals_in_run(d, step) > 0
+
+
+def _evals_in_run(d, step: int) -> int:
+  """The evaluations this run makes from `step` to d.stop_after_steps: the periodic ones, and the final one
+  where no periodic one falls on the last step (or the run resumed there)."""
+  every, stop = d.eval_every_steps, d.stop_after_steps
+  evals = stop // every - step // every if every else 0
+  final = stop == d.num_train_steps and (not every or stop % every or step == stop)
+  return evals + int(bool(final))
 
 
 def _eval_images(config, d, step: int, num_eval_examples: int) -> int:
   """Images the eval step runs on from `step` to the end of this run (padding and flip TTA included): what
   'auto' weighs timing its layers against (cpu/autotune.py, timed_if_it_pays)."""
-  every, stop = d.eval_every_steps, d.stop_after_steps
-  evals = stop // every - step // every if every else 0
-  if stop == d.num_train_steps and (not every or stop % every or step == stop):
-    evals += 1  # the final eval, where no periodic one falls on the last step (or the run resumed there)
   batches = math.ceil(num_eval_examples / config.eval_batch_size)
-  return evals * batches * config.eval_batch_size * (2 if config.get("eval_flip_tta", False) else 1)
+  return (_evals_in_run(d, step) * batches * config.eval_batch_size
+          * (2 if config.get("eval_flip_tta", False) else 1))
 
 
 def _stop_profiler():
