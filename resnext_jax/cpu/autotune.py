@@ -46,7 +46,7 @@ MIN_IMAGES = 8            # images per timing, at least (the batch, if smaller) 
 MIN_PIXELS = 4096         # ... and enough for this many input pixels, up to the batch: see timing_images
 MIN_SECONDS = 0.02        # a layer's candidates take at least 3 turns and this long each on average (best call counts)
 
-_memory = {}              # signature -> choice, this process
+_memory = {}              # signature (or an UNTIMED key) -> choice, this process
 _explain_logs = []        # active explain() lists
 _local = threading.local()  # .table: using_table() depth; .pending: measure_layers' dry pass; .images
 UNTIMED = "untimed for "  # cache key 'untimed for N images <signature>': its default, as timing would not pay
@@ -162,11 +162,11 @@ def measure_layers(trace):
   always = [(sig, layer) for sig, layer in pending.items() if layer.job_images is None]
   occasional = [(sig, layer) for sig, layer in pending.items() if layer.job_images is not None]
   seconds_per_image = _time_and_keep(always)
-  spent = time.perf_counter() - start
+  spent, timed = time.perf_counter() - start, len(always)
   if occasional and _pays_off(occasional, seconds_per_image, spent / max(len(always), 1), bool(always)):
     _time_and_keep(occasional)
-    always += occasional
-  logging.info("auto: timed %d layer shapes on this machine in %.1f s (cached in %s)", len(always),
+    timed += len(occasional)
+  logging.info("auto: timed %d layer shapes on this machine in %.1f s (cached in %s)", timed,
                time.perf_counter() - start, cache_path())
   jax.clear_caches()
   return trace()
