@@ -33,7 +33,10 @@ using Matrix = ffi::Buffer<ffi::F32, 2>;
 
 // The register tile and block sizes per ISA, from kLanes and kVectorRegisters (vec.h):
 //   AVX-512 (16 lanes, 32 registers): 6 rows x 4 vectors (6 x 64 floats): 24 accumulators + 4 vectors of w + 1
-//     broadcast of x; kDepth 512, kRowBlock 96, kKernelGradRows 256, panels read in place (tuned on Zen 5).
+//     broadcast of x; kDepth 512, kRowBlock 96, kKernelGradRows 256 (tuned on Zen 5, panels then read in
+//     place). Packed panels, on Zen 4 (one core on half the rows of the resnext50 train step's 13 shapes, a
+//     scratch harness alternating both, three runs): 3,591-3,611 ms against 3,767-3,777 in place (-4.5%), -12
+//     to -16% where C >= 1024; kDepth 256 or kRowBlock 192 with packing no better (3,661, 3,630 vs 3,614).
 //   AVX2 and SSE (16 registers): 6 rows x 2 vectors (BLIS's Haswell 6x16 on AVX2): 12 accumulators + 2 + 1.
 //     Measured single-threaded on AVX2 (Zen 3) over the resnext50 train step's 1x1 products against 4x3, 3x4,
 //     5x2, 4x2 and 8x1 tiles (4x3 and 3x4 25-35% slower in the input and kernel gradients, 8x1 ~2x), and on
@@ -51,7 +54,6 @@ constexpr bool kWideTile = kLanes * kVecs >= 64;                      // AVX-512
 constexpr int64_t kDepth = kWideTile ? 512 : 256;  // forward: reduction steps per pass over a row block
 constexpr int64_t kRowBlock = 96;                  // forward: rows of x kept in L2 while w's panels pass
 constexpr int64_t kKernelGradRows = 256;           // kernel gradient: pixels summed per pass over dw's tiles
-constexpr bool kPackPanels = !kWideTile;           // tiles read contiguous copies of w's and dy's panels (Gemm)
 static_assert(kRows * kVecs + kVecs + 1 <= kVectorRegisters, "the register tile must fit the registers");
 
 // c[i, kLanes*v : +kLanes] (+)= sum_p a[i * a_row + p * a_step] * b[p * b_step + kLanes*v : +kLanes], i < R,
@@ -128,15 +130,14 @@ class AlignedFloats {
 
 // The two products on R x V register tiles with the given block sizes (see kRows ... kKernelGradRows).
 //
-// With kPack, the tiles read the column panels of w (forward) and dy (kernel gradient) from contiguous copies.
+// The tiles read the column panels of w (forward) and dy (kernel gradient) from contiguous copies.
 // Read in place, a panel's rows are C floats apart, so for C >= 256 they fall into a few cache sets and the
 // panel cannot stay in L1 (for C >= 1024, nor in L2) however few its rows. w is packed whole, once per call
 // (pack_w; packing each panel again for every block of rows cost more than it saved), dy a block of pixels
 // and one panel at a time, where the K / R tiles of dw's rows that reuse it are 16 or more.
-template <int R, int V, int64_t kDepthT, int64_t kRowBlockT, int64_t kKernelGradRowsT, bool kPack>
+template <int R, int V, int64_t kDepthT, int64_t kRowBlockT, int64_t kKernelGradRowsT>
 struct Gemm {
   static constexpr int64_t kPanel = kLanes * V;  // output columns of a full tile
-  static constexpr bool kPacked = kPack;
 
   static void run_tile(bool accumulate, int rows, int vecs, const Tile& t) {
     if (accumulate) {
@@ -153,13 +154,13 @@ struct Gemm {
   }
 
   // Column panels [j0, j1) of w [K, C] into `packed` [ceil(C / kPanel) panels][K][kPanel] (the panel at
-  // column j starts at j * K), for forward_rows with kPack.
+  // column j starts at j * K), for forward_rows.
   static void pack_w(const float* w, int64_t k, int64_t c, int64_t j0, int64_t j1, float* packed) {
     for (int64_t j = j0 * kPanel; j < std::min(c, j1 * kPanel); j += kPanel)
       copy_panel(w + j, c, k, static_cast<int>(std::min(kPanel, c - j) / kLanes), packed + j * k);
   }
 
-  // y[m0:m1] = x[m0:m1] w for x [M, K], w [K, C] (with kPack: packed by pack_w), y [M, C]. A block of rows and
+  // y[m0:m1] = x[m0:m1] w for x [M, K], w [K, C] (packed by pack_w), y [M, C]. A block of rows and
   // depth stays in L2 while every column panel of w passes over it. C is a multiple of kLanes, not necessarily
   // of kPanel: the last panel may be narrower.
   static void forward_rows(const float* x, const float* w, float* y, int64_t m0, int64_t m1, int64_t k,
@@ -170,11 +171,10 @@ struct Gemm {
         const int64_t depth = std::min(kDepthT, k - d0);
         for (int64_t j = 0; j < c; j += kPanel) {
           const int vecs = static_cast<int>(std::min(kPanel, c - j) / kLanes);
-          const float* b = kPack ? w + j * k + d0 * kPanel : w + d0 * c + j;
-          const int64_t b_step = kPack ? kPanel : c;
+          const float* b = w + j * k + d0 * kPanel;
           for (int64_t r = r0; r < r1; r += R) {
             const int rows = static_cast<int>(std::min<int64_t>(R, r1 - r));
-            run_tile(d0 > 0, rows, vecs, Tile{x + r * k + d0, k, 1, b, b_step, y + r * c + j, c, depth});
+            run_tile(d0 > 0, rows, vecs, Tile{x + r * k + d0, k, 1, b, kPanel, y + r * c + j, c, depth});
           }
         }
       }
@@ -190,7 +190,7 @@ struct Gemm {
     if (m0 >= m1) std::fill(dw, dw + k * c, 0.f);
     const int64_t strips = (k + R - 1) / R;
     std::vector<float> packed(strips * kKernelGradRowsT * R);
-    AlignedFloats panel(kPack ? kKernelGradRowsT * kPanel : 0);
+    AlignedFloats panel(kKernelGradRowsT * kPanel);
     for (int64_t p0 = m0; p0 < m1; p0 += kKernelGradRowsT) {
       const int64_t steps = std::min(m1, p0 + kKernelGradRowsT) - p0;
       for (int64_t s = 0; s < strips; ++s) {
@@ -205,7 +205,7 @@ struct Gemm {
         const int vecs = static_cast<int>(std::min(kPanel, c - j) / kLanes);
         const float* b = dy + p0 * c + j;
         int64_t b_step = c;
-        if (kPack && strips >= 16) {  // the copy's cost against the strided reads of the tiles that share it
+        if (strips >= 16) {  // the copy's cost against the strided reads of the tiles that share it
           copy_panel(b, b_step, steps, vecs, panel.data());
           b = panel.data();
           b_step = kPanel;
@@ -220,7 +220,7 @@ struct Gemm {
   }
 };
 
-using Kernel = Gemm<kRows, kVecs, kDepth, kRowBlock, kKernelGradRows, kPackPanels>;
+using Kernel = Gemm<kRows, kVecs, kDepth, kRowBlock, kKernelGradRows>;
 
 // The rows (product of the leading dimensions) of `dims` if its last dimension is `width`, else -1.
 int64_t rows_of(ffi::Span<const int64_t> dims, int64_t width) {
@@ -236,18 +236,15 @@ ffi::Error Forward(ffi::ThreadPool pool, Array x, Matrix w, ffi::Result<Array> y
   if (m < 0 || rows_of(y->dimensions(), c) != m || c % kLanes != 0)
     return ffi::Error::InvalidArgument(
         "matmul: expected x [.., K], w [K, C], y [.., C], C a multiple of the vector width (" RESNEXT_JAX_ISA ")");
-  const float *xp = x.typed_data(), *wp = w.typed_data();
+  const float* xp = x.typed_data();
   float* yp = y->typed_data();
   const int64_t panels = (c + Kernel::kPanel - 1) / Kernel::kPanel;
-  AlignedFloats packed(Kernel::kPacked ? panels * Kernel::kPanel * k : 0);  // the last panel may be narrower
-  if constexpr (Kernel::kPacked) {
-    parallel_for(pool, panels, chunks_for(pool, 1), [&](int64_t begin, int64_t end) {
-      Kernel::pack_w(wp, k, c, begin, end, packed.data());
-    });
-    wp = packed.data();
-  }
+  AlignedFloats packed(panels * Kernel::kPanel * k);  // the last panel may be narrower
+  parallel_for(pool, panels, chunks_for(pool, 1), [&](int64_t begin, int64_t end) {
+    Kernel::pack_w(w.typed_data(), k, c, begin, end, packed.data());
+  });
   parallel_for(pool, m, chunks_for(pool, 2), [&](int64_t begin, int64_t end) {
-    Kernel::forward_rows(xp, wp, yp, begin, end, k, c);
+    Kernel::forward_rows(xp, packed.data(), yp, begin, end, k, c);
   });
   return ffi::Error::Success();
 }
