@@ -54,30 +54,25 @@ std::optional<xla::ffi::Result<T>> ret(const FfiRets& rets, size_t i) {
 using F32 = xla::ffi::Buffer<xla::ffi::F32>;    // float32, any rank
 using F32Out = xla::ffi::Result<F32>;
 
-template <size_t... I>
-std::optional<std::array<F32, sizeof...(I)>> f32_args(const FfiArgs& args, std::index_sequence<I...>) {
-  const std::array<std::optional<F32>, sizeof...(I)> v{arg<F32>(args, I)...};
-  if (args.size() != sizeof...(I) || !(v[I] && ...)) return std::nullopt;
-  return std::array<F32, sizeof...(I)>{*v[I]...};
-}
-
-template <size_t... I>
-std::optional<std::array<F32Out, sizeof...(I)>> f32_rets(const FfiRets& rets, std::index_sequence<I...>) {
-  const std::array<std::optional<F32Out>, sizeof...(I)> v{ret<F32>(rets, I)...};
-  if (rets.size() != sizeof...(I) || !(v[I] && ...)) return std::nullopt;
-  return std::array<F32Out, sizeof...(I)>{*v[I]...};
+// Entries [0, N) of `list` (the operands or the results) as T, got with get(list, i), or nothing unless `list`
+// has exactly N entries and each is a T.
+template <typename T, typename List, typename Get, size_t... I>
+std::optional<std::array<T, sizeof...(I)>> exactly(const List& list, Get get, std::index_sequence<I...>) {
+  const std::array<std::optional<T>, sizeof...(I)> v{get(list, I)...};
+  if (list.size() != sizeof...(I) || !(v[I] && ...)) return std::nullopt;
+  return std::array<T, sizeof...(I)>{*v[I]...};
 }
 
 // All N operands as float32 buffers, or nothing unless the call has exactly N of them.
 template <size_t N>
 std::optional<std::array<F32, N>> f32_args(const FfiArgs& args) {
-  return f32_args(args, std::make_index_sequence<N>{});
+  return exactly<F32>(args, arg<F32>, std::make_index_sequence<N>{});
 }
 
 // All N results as float32 buffers, or nothing unless the call has exactly N of them.
 template <size_t N>
 std::optional<std::array<F32Out, N>> f32_rets(const FfiRets& rets) {
-  return f32_rets(rets, std::make_index_sequence<N>{});
+  return exactly<F32Out>(rets, ret<F32>, std::make_index_sequence<N>{});
 }
 
 // Attribute `name` as T, or nothing.
