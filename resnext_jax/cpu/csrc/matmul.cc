@@ -35,7 +35,7 @@ using Matrix = ffi::Buffer<ffi::F32, 2>;
 //   AVX-512 (16 lanes, 32 registers): 6 rows x 4 vectors (6 x 64 floats): 24 accumulators + 4 vectors of w + 1
 //     broadcast of x; kDepth 512, kRowBlock 96, kKernelGradRows 256 (tuned on Zen 5, panels then read in
 //     place). Packed panels, on Zen 4 (one core on half the rows of the resnext50 train step's 13 shapes, a
-//     scratch harness alternating both, three runs): 3,591-3,611 ms against 3,767-3,777 in place (-4.5%), -12
+//     scratch harness alternating both, three runs): 3,591-3,675 ms against 3,767-3,853 in place (-4.5%), -7
 //     to -16% where C >= 1024; kDepth 256 or kRowBlock 192 with packing no better (3,661, 3,630 vs 3,614).
 //   AVX2 and SSE (16 registers): 6 rows x 2 vectors (BLIS's Haswell 6x16 on AVX2): 12 accumulators + 2 + 1.
 //     Measured single-threaded on AVX2 (Zen 3) over the resnext50 train step's 1x1 products against 4x3, 3x4,
