@@ -13,6 +13,7 @@ from resnext_jax.cpu import build
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_TESTS = ["tests/test_conv.py", "tests/test_batchnorm.py", "tests/test_pooling.py"]
+KERNEL_SELECTION = "kernel or matches_xla or bfloat16 or sharded"  # their tests that run the kernels (-k)
 
 
 def _python(code, **env):
@@ -88,8 +89,7 @@ def test_kernel_tests_pass_on_every_isa_this_cpu_runs(march, isa, tmp_path):
                          env=env, capture_output=True, text=True, cwd=REPO)
   assert check.stdout.strip() == isa, check.stderr[-2000:]
   result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *KERNEL_TESTS,
-                           "-k", "kernel or matches_xla or bfloat16 or sharded"], env=env, capture_output=True,
-                          text=True, cwd=REPO)
+                           "-k", KERNEL_SELECTION], env=env, capture_output=True, text=True, cwd=REPO)
   assert result.returncode == 0, result.stdout[-4000:]
 
 
