@@ -47,6 +47,35 @@ def test_dct_scale_decodes_at_the_smallest_sufficient_size(shorter, size, scale)
   assert (box[2] - box[0]) == shorter and box[0] % scale == 0  # snapped to the r-grid, still the whole square
 
 
+@pytest.mark.parametrize("subsampling,mode", [(2, "RGB"), (1, "RGB"), (0, "RGB"), (0, "L")])
+def test_decoding_from_the_mcu_boundary_gives_the_windows_exact_pixels(subsampling, mode):
+  """decode_window_columns starts each row at an iMCU boundary left of the window: the window's columns of it are
+  TF's own decode_and_crop_jpeg of the window, bit for bit, for 4:2:0, 4:2:2, 4:4:4 and grey JPEGs, at every DCT
+  scale (fancy upsampling reads chroma beside a pixel, so a decode started elsewhere could differ)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  import io  # pylint: disable=import-outside-toplevel
+  buffer = io.BytesIO()
+  Image.fromarray(_photo(333, 517, seed=subsampling)).convert(mode).save(buffer, format="JPEG", quality=90,
+                                                                          subsampling=subsampling)
+  encoded = tf.constant(buffer.getvalue())
+  rng = np.random.default_rng(subsampling)
+  firsts = set()
+  for _ in range(40):
+    h, w = (int(v) for v in rng.integers(1, 300, 2))
+    y, x = int(rng.integers(0, 333 - h + 1)), int(rng.integers(0, 517 - w + 1))
+    min_size = int(rng.choice([8, 16, 32, 64, 1000]))  # 1000: full scale
+    window_fn = lambda shape, window=(y, x, h, w): tuple(tf.constant(v) for v in window)
+    pixels, columns = transforms.decode_window_columns(encoded, window_fn, min_size)
+    first, count = columns.numpy()
+    firsts.add(int(first))
+    r = transforms.DCT_SCALES[int(transforms.dct_scale_index(h, w, min_size))]
+    snapped = [int(v) for v in transforms.snap_window((y, x, h, w), (333, 517), r)]
+    expected = tf.image.decode_and_crop_jpeg(encoded, snapped, channels=3, ratio=r).numpy()
+    np.testing.assert_array_equal(pixels.numpy()[:, first:first + count], expected, err_msg=f"{(y, x, h, w)} 1/{r}")
+    np.testing.assert_array_equal(transforms.decode_window(encoded, window_fn, min_size).numpy(), expected)
+  assert len(firsts) > 3  # windows off the boundary, decoded from left of them
+
+
 def test_fast_transforms_stay_close_to_the_legacy_ones():
   """Same windows (same seeds) and flips; the differences are the resize filter, DCT scaling and uint8 rounding:
   small next to the difference another window makes."""

@@ -42,8 +42,23 @@ def test_the_op_equals_tensorflows_resize_round_cast_and_flip_bit_for_bit():
     size = int(rng.choice([1, 5, 32, 224, 299, 640]))  # downscales, upscales, both
     image = tf.constant(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
     flip = bool(i % 2)
-    got = lib.resnext_resize_bilinear_u8(image, flip, size=size).numpy()
+    got = lib.resnext_resize_bilinear_u8(image, [0, w], flip, size=size).numpy()
     np.testing.assert_array_equal(got, _tf_ops(image, size, flip).numpy(), err_msg=f"{h}x{w} -> {size}, {flip}")
+
+
+def test_the_op_resizes_the_columns_it_is_given_as_if_they_were_the_image():
+  """decode_window_columns hands it rows wider than the window; the columns around the window are never read."""
+  lib = _op()
+  rng = np.random.default_rng(1)
+  for i in range(60):
+    h, w = rng.integers(1, 300, 2)
+    first, extra = rng.integers(0, 16), rng.integers(0, 16)
+    size = int(rng.choice([1, 7, 64, 224]))
+    image = rng.integers(0, 256, (h, first + w + extra, 3), dtype=np.uint8)
+    window = tf.constant(image[:, first:first + w])
+    image[:, :first], image[:, first + w:] = 0, 255  # would show at the edges if read
+    got = lib.resnext_resize_bilinear_u8(tf.constant(image), [first, w], bool(i % 2), size=size).numpy()
+    np.testing.assert_array_equal(got, _tf_ops(window, size, bool(i % 2)).numpy(), err_msg=f"{h}x{w}+{first}")
 
 
 def test_the_transforms_give_the_same_pixels_with_and_without_the_op(monkeypatch):
@@ -70,9 +85,11 @@ def test_the_transforms_give_the_same_pixels_with_and_without_the_op(monkeypatch
 def test_bad_input_is_named():
   lib = _op()
   with pytest.raises(tf.errors.InvalidArgumentError, match=r"\(height, width, 3\) uint8 image, got shape \[4,4,4\]"):
-    lib.resnext_resize_bilinear_u8(tf.zeros([4, 4, 4], tf.uint8), False, size=8)
+    lib.resnext_resize_bilinear_u8(tf.zeros([4, 4, 4], tf.uint8), [0, 4], False, size=8)
   with pytest.raises(tf.errors.InvalidArgumentError, match=r"got shape \[0,4,3\]"):
-    lib.resnext_resize_bilinear_u8(tf.zeros([0, 4, 3], tf.uint8), False, size=8)
+    lib.resnext_resize_bilinear_u8(tf.zeros([0, 4, 3], tf.uint8), [0, 4], False, size=8)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"columns \[2, 6\) are not a non-empty part of an image 4"):
+    lib.resnext_resize_bilinear_u8(tf.zeros([4, 4, 3], tf.uint8), [2, 4], False, size=8)
 
 
 _FALLBACK = """

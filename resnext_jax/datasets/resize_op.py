@@ -45,10 +45,15 @@ def library():
     return None
 
 
-def resize_bilinear_u8(image: tf.Tensor, size: int, flip) -> tf.Tensor | None:
-  """uint8 (h, w, 3) -> uint8 (size, size, 3), mirrored where `flip` (a bool tensor); None without the op."""
+def resize_bilinear_u8(image: tf.Tensor, size: int, flip, columns=None) -> tf.Tensor | None:
+  """uint8 (h, w, 3) -> uint8 (size, size, 3), mirrored where `flip` (a bool tensor); None without the op.
+  columns: int32 [first, count], the part of the image to resize (default all of it)."""
   lib = library()
-  return None if lib is None else lib.resnext_resize_bilinear_u8(image, flip, size=size)
+  if lib is None:
+    return None
+  if columns is None:
+    columns = tf.stack([0, tf.shape(image)[1]])
+  return lib.resnext_resize_bilinear_u8(image, columns, flip, size=size)
 
 
 _LOAD_ERRORS = (tf.errors.NotFoundError, tf.errors.InvalidArgumentError, OSError)
