@@ -157,6 +157,58 @@ def test_gpu_decode_says_what_to_install():
       input_pipeline.create_train_iterator(config, _mesh())
 
 
+def _nvimgcodec():
+  try:
+    from nvidia import nvimgcodec  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    if os.environ.get("RESNEXT_JAX_REQUIRE_NVIMGCODEC"):
+      raise
+    pytest.skip("nvImageCodec is not installed (pip install nvidia-nvimgcodec-cu13; .ci/run installs it)")
+  return nvimgcodec
+
+
+def test_decode_on_device_runs_the_whole_pipeline_with_nvimgcodecs_cpu_backend(tmp_path, monkeypatch):
+  """config.decode_on_device end to end (tf.data's records and boxes, nvImageCodec's batch decode, the device
+  crop, resize, flip and normalisation, the global batch), with nvImageCodec's CPU backend standing in for its
+  GPU one: the same batches as the host path, but for decoders' rounding and the DCT-scale approximation."""
+  _nvimgcodec()
+  monkeypatch.setenv("RESNEXT_JAX_DECODE_BACKEND", "cpu")
+  _image_folder(str(tmp_path), [(300, 200), (90, 120), (260, 400), (100, 100), (375, 500), (64, 64)])
+  config = default.get_config()
+  config.update(dataset="imagefolder", data_dir=str(tmp_path), eval_split="train", image_size=48, batch_size=6,
+                shuffle_buffer_size=16)
+  scale, offset = normalization.normalization(transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)
+
+  def pixels(batches):  # back to 0..255
+    return [((np.asarray(b["image"]) - offset) / scale, np.asarray(b["label"])) for b in batches]
+
+  host = pixels(next(input_pipeline.create_train_iterator(config, _mesh(), start_step=s)) for s in (0, 3))
+  config.decode_on_device = True
+  device = pixels(next(input_pipeline.create_train_iterator(config, _mesh(), start_step=s)) for s in (0, 3))
+  for (h, h_labels), (d, d_labels) in zip(host, device):
+    np.testing.assert_array_equal(h_labels, d_labels)
+    assert d.shape == h.shape == (6, 48, 48, 3)
+    diff = np.abs(d - h)
+    assert diff.mean() < 2.0 and np.percentile(diff, 99) < 16, (diff.mean(), np.percentile(diff, 99))
+  # Another step's batch (other crops and flips) is far from this one's: the comparison above can fail.
+  assert np.abs(device[0][0] - host[1][0]).mean() > 10
+
+
+def test_decode_on_device_names_what_it_cannot_decode(monkeypatch):
+  _nvimgcodec()
+  from resnext_jax.datasets import gpu_decode  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("RESNEXT_JAX_DECODE_BACKEND", "cpu")
+  good = synthetic_jpegs.encode_jpeg(_photo(40, 30))
+  images = gpu_decode.decode([good])
+  assert images[0].shape == (40, 30, 3) and images[0].dtype == jnp.uint8
+  np.testing.assert_allclose(np.asarray(images[0], np.float32), tf.io.decode_jpeg(good).numpy(), atol=8)
+  with pytest.raises(errors.DataError, match="could not decode image 1 of the batch"):
+    gpu_decode.decode([good, b"not an image"])
+  monkeypatch.setenv("RESNEXT_JAX_DECODE_BACKEND", "tpu")
+  with pytest.raises(errors.ConfigError, match="RESNEXT_JAX_DECODE_BACKEND='tpu'"):
+    gpu_decode.decode([good])
+
+
 def _image_folder(root, sizes):
   for i, (h, w) in enumerate(sizes):
     label = f"c{i % 2}"

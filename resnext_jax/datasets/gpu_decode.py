@@ -1,7 +1,9 @@
 """JPEG decoding on the GPU with NVIDIA's nvImageCodec, for config.decode_on_device=True.
 
 NOT YET RUN ON A GPU: no GPU was available where this was written. The augmentation half (device_augment.py) is
-plain JAX and tested on CPU against the host path; this half (nvImageCodec -> DLPack -> JAX) is untested.
+plain JAX and tested on CPU against the host path. This half runs in the tests with nvImageCodec's CPU backend
+($RESNEXT_JAX_DECODE_BACKEND=cpu: its libjpeg-turbo, host buffers, no CUDA needed), through the whole input
+pipeline; its GPU backends (nvJPEG, the hardware JPEG engines) and DLPack from device buffers have not run.
 
 The host keeps the cheap, sequential part: tf.data reads and shuffles the records as for the host path and, from
 each JPEG's header alone, computes the crop box and flip (`transforms.train_box`, same seeds, so the same boxes as
@@ -13,10 +15,13 @@ Known costs, to measure on a GPU: each distinct image size compiles its own smal
 is seen (kept in memory, and across runs by the persistent compilation cache), and images are augmented one
 dispatch each, then stacked.
 
-Install with `pip install nvidia-nvimgcodec-cu12` (CUDA 12) or `nvidia-nvimgcodec-cu13` (CUDA 13).
+Install with `pip install 'nvidia-nvimgcodec-cu12[nvjpeg]'` (CUDA 12) or `'nvidia-nvimgcodec-cu13[nvjpeg]'`
+(CUDA 13): without nvJPEG (the extra, or a CUDA toolkit) nvImageCodec registers no GPU JPEG decoder. The decoder
+is limited to the GPU backends, so a missing nvJPEG is an error, not a silent decode on the CPU.
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +29,12 @@ import numpy as np
 
 from resnext_jax.datasets import device_augment
 from resnext_jax.datasets import normalization
-from resnext_jax.errors import ConfigError
+from resnext_jax.errors import ConfigError, DataError
 
-INSTALL_HINT = ("config.decode_on_device=True decodes JPEGs on the GPU with NVIDIA's nvImageCodec: "
-                "pip install nvidia-nvimgcodec-cu12 (CUDA 12) or nvidia-nvimgcodec-cu13 (CUDA 13), or set "
-                "config.decode_on_device=False to decode on the CPU.")
+INSTALL_HINT = ("config.decode_on_device=True decodes JPEGs on the GPU with NVIDIA's nvImageCodec and nvJPEG: "
+                "pip install 'nvidia-nvimgcodec-cu12[nvjpeg]' (CUDA 12) or 'nvidia-nvimgcodec-cu13[nvjpeg]' "
+                "(CUDA 13), or set config.decode_on_device=False to decode on the CPU.")
+BACKENDS = ("gpu", "cpu")
 
 
 @functools.cache
@@ -41,37 +47,52 @@ def nvimgcodec():
   return module
 
 
+def backend() -> str:
+  """$RESNEXT_JAX_DECODE_BACKEND: 'gpu' (default), or 'cpu' for nvImageCodec's CPU backend, which runs this path
+  on a machine without a GPU (to check it; it is slower than the host path)."""
+  name = os.environ.get("RESNEXT_JAX_DECODE_BACKEND", "gpu").lower()
+  if name not in BACKENDS:
+    raise ConfigError(f"RESNEXT_JAX_DECODE_BACKEND={name!r}; expected one of {BACKENDS}.")
+  return name
+
+
 def check_device() -> None:
-  """ConfigError unless JAX runs on a GPU (nvImageCodec's outputs are CUDA buffers)."""
-  if jax.default_backend() != "gpu":
+  """ConfigError unless JAX runs on a GPU (nvImageCodec's outputs are CUDA buffers), or the CPU backend is chosen."""
+  if backend() == "gpu" and jax.default_backend() != "gpu":
     raise ConfigError(f"config.decode_on_device=True needs a GPU; JAX's backend is {jax.default_backend()!r}. "
                       "Set config.decode_on_device=False.")
 
 
 @functools.cache
-def _decoder():
+def _decoder(name: str):
   codec = nvimgcodec()
-  return codec.Decoder()
+  if name == "cpu":
+    return codec.Decoder(device_id=codec.NVIMGCODEC_DEVICE_CPU_ONLY,
+                         backends=[codec.Backend(codec.BackendKind.CPU_ONLY)])
+  kinds = (codec.BackendKind.HW_GPU_ONLY, codec.BackendKind.GPU_ONLY, codec.BackendKind.HYBRID_CPU_GPU)
+  return codec.Decoder(backends=[codec.Backend(kind) for kind in kinds])
 
 
+@functools.cache
 def _decode_params():
+  """Interleaved RGB (grey and CMYK JPEGs too), EXIF orientation ignored: the host path (TF's decoder) ignores it,
+  and the crop boxes come from the stored size."""
   codec = nvimgcodec()
-  kwargs = {}
-  if hasattr(codec, "ColorSpec"):
-    kwargs["color_spec"] = codec.ColorSpec.RGB  # grey and CMYK JPEGs come out as 3-channel RGB
-  return codec.DecodeParams(**kwargs) if hasattr(codec, "DecodeParams") else None
+  return codec.DecodeParams(apply_exif_orientation=False, color_spec=codec.ColorSpec.SRGB,
+                            sample_format=codec.SampleFormat.I_RGB)
 
 
 def decode(encoded: list[bytes]) -> list[jax.Array]:
-  """Encoded images -> uint8 (H, W, 3) jax.Arrays on the current GPU (nvImageCodec's batch decode, DLPack)."""
-  params = _decode_params()
-  images = _decoder().decode(list(encoded), params=params) if params is not None else _decoder().decode(
-      list(encoded))
+  """Encoded images -> uint8 (H, W, 3) jax.Arrays: on the current GPU through DLPack (nvImageCodec's batch decode),
+  or, with the CPU backend, copied from its host buffers."""
+  name = backend()
+  images = _decoder(name).decode(list(encoded), params=_decode_params())
   out = []
   for i, image in enumerate(images):
     if image is None:
-      raise ValueError(f"nvImageCodec could not decode image {i} of the batch.")
-    out.append(jax.dlpack.from_dlpack(image))
+      raise DataError(f"nvImageCodec ({name} backend) could not decode image {i} of the batch: not an image it "
+                      f"reads, or no GPU JPEG decoder (nvJPEG) installed. {INSTALL_HINT}")
+    out.append(jnp.asarray(np.asarray(image.cpu())) if name == "cpu" else jax.dlpack.from_dlpack(image))
   return out
 
 
