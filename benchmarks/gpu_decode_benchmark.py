@@ -1,0 +1,118 @@
+"""config.decode_on_device's device half, measured without TensorFlow: nvImageCodec's batch decode and the device
+crop, resize, flip and normalisation (gpu_decode.augment_batch) over ImageNet-like JPEGs held in memory.
+
+Made for a GPU machine that has JAX but no TensorFlow (the host half, tf.data's records and boxes, needs it): one
+command says whether the decode is right and fast enough for the step.
+
+  pip install 'nvidia-nvimgcodec-cu13[nvjpeg]'        # or -cu12, as JAX's CUDA
+  python benchmarks/gpu_decode_benchmark.py --num_images 2048 --batch_size 256
+  python -m resnext_jax.benchmark --model resnext50_32x4d --batch-size 256 --dtype bfloat16   # the step, to compare
+
+  RESNEXT_JAX_DECODE_BACKEND=cpu python benchmarks/gpu_decode_benchmark.py --num_images 16 --batch_size 8  # dry run
+
+Reports: agreement with PIL's decode of the same files (nvImageCodec's IDCT may differ by a few grey levels);
+decode-only images/s; decode + augment images/s on the first pass (each distinct image size compiles the
+per-image augmentation once: their number is printed) and on a second pass (compiled); and one JSON line. Crop
+boxes and flips come from torchvision's RandomResizedCrop sampling in numpy: the host path's distribution (TF's own
+sampler needs TensorFlow).
+"""
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+from resnext_jax.datasets import gpu_decode  # pylint: disable=wrong-import-position
+from resnext_jax.datasets import normalization  # pylint: disable=wrong-import-position
+from resnext_jax.datasets import synthetic_jpegs  # pylint: disable=wrong-import-position
+
+
+def imagenet_like_jpegs(num_images: int, seed: int = 0) -> list[bytes]:
+  rng = np.random.default_rng(seed)
+  return [synthetic_jpegs.encode_jpeg(synthetic_jpegs.photo_like(rng, *synthetic_jpegs.imagenet_size(rng)))
+          for _ in range(num_images)]
+
+
+def inception_box(rng, h: int, w: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> list[int]:
+  """[y0, x0, y1, x1]: torchvision's RandomResizedCrop sampling, the whole image after 10 misses."""
+  for _ in range(10):
+    area = h * w * rng.uniform(*scale)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+    cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+    if 0 < cw <= w and 0 < ch <= h:
+      y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+      return [y, x, y + ch, x + cw]
+  return [0, 0, h, w]
+
+
+def header_sizes(jpegs: list[bytes]) -> list[tuple[int, int]]:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  return [Image.open(io.BytesIO(data)).size[::-1] for data in jpegs]
+
+
+def agreement_with_pil(jpegs: list[bytes]) -> dict:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  diffs = []
+  for data, image in zip(jpegs, gpu_decode.decode(jpegs)):
+    reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.int16)
+    got = np.asarray(image, np.int16)
+    if got.shape != reference.shape:
+      raise AssertionError(f"decoded shape {got.shape}, PIL's {reference.shape}")
+    diffs.append(np.abs(got - reference))
+  return {"max_abs_diff_vs_pil": int(max(d.max() for d in diffs)),
+          "mean_abs_diff_vs_pil": round(float(np.mean([d.mean() for d in diffs])), 3)}
+
+
+def images_per_s(fn, batches) -> float:
+  count, start = 0, time.perf_counter()
+  for batch in batches:
+    jax.block_until_ready(fn(batch))
+    count += len(batch[0])
+  return count / (time.perf_counter() - start)
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--num_images", type=int, default=2048)
+  parser.add_argument("--batch_size", type=int, default=256)
+  parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--antialias", action="store_true")
+  args = parser.parse_args(argv)
+  gpu_decode.check_device()
+
+  jpegs = imagenet_like_jpegs(args.num_images)
+  sizes = header_sizes(jpegs)
+  rng = np.random.default_rng(1)
+  boxes = np.array([inception_box(rng, h, w) for h, w in sizes], np.int32)
+  flips = rng.uniform(size=len(jpegs)) < 0.5
+  starts = range(0, len(jpegs) - args.batch_size + 1, args.batch_size)
+  batches = [(jpegs[i:i + args.batch_size], boxes[i:i + args.batch_size], flips[i:i + args.batch_size])
+             for i in starts]
+  if not batches:
+    raise SystemExit(f"--num_images {args.num_images} holds no batch of --batch_size {args.batch_size}")
+
+  def augment(batch):
+    return gpu_decode.augment_batch(*batch, size=args.image_size, mean=normalization.IMAGENET_MEAN,
+                                    std=normalization.IMAGENET_STD, antialias=args.antialias)
+
+  result = {"backend": gpu_decode.backend(), "device": str(jax.devices()[0].device_kind),
+            "num_images": len(jpegs), "distinct_sizes": len(set(sizes)), "batch_size": args.batch_size,
+            **agreement_with_pil(jpegs[:16])}
+  result["decode_images_per_s"] = round(images_per_s(lambda b: gpu_decode.decode(b[0]), batches), 1)
+  result["augment_images_per_s_first_pass"] = round(images_per_s(augment, batches), 1)
+  result["augment_images_per_s"] = round(images_per_s(augment, batches), 1)
+  print(json.dumps(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()
