@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU checks of the input path, in one run (docs/input_pipeline.md, "Decoding on the GPU"): for a GPU machine
+# with JAX (CUDA), and TensorFlow or not. Run from the repository root:
+#
+#   benchmarks/gpu_check.sh [OUT_DIR]
+#
+# nvImageCodec and nvJPEG must be importable (pip install 'nvidia-nvimgcodec-cu13[nvjpeg]', or -cu12 as JAX's
+# CUDA); on a machine without a package index, WHEELS=DIR installs the wheels in DIR into a scratch folder first.
+# Prints, and writes into OUT_DIR (default /tmp/resnext_jax_gpu_check): the GPU, the decode's agreement with PIL and
+# its images/s (gpu_decode_benchmark.py), then the train step's images/s on a synthetic batch (resnext_jax.benchmark:
+# the figure the input path has to keep up with). A dry run without a GPU: RESNEXT_JAX_DECODE_BACKEND=cpu
+# NUM_IMAGES=8 BATCH_SIZE=4 MODEL=resnext11_4x16d DTYPE=float32 benchmarks/gpu_check.sh
+set -euo pipefail
+out="${1:-/tmp/resnext_jax_gpu_check}"
+mkdir -p "$out"
+if [[ -n "${WHEELS:-}" ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/resnext_jax_site "$WHEELS"/*.whl
+  export PYTHONPATH="/tmp/resnext_jax_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+batch="${BATCH_SIZE:-256}"
+(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || echo "no nvidia-smi") | tee "$out/gpu.txt"
+python3 benchmarks/gpu_decode_benchmark.py --num_images "${NUM_IMAGES:-2048}" --batch_size "$batch" \
+  | tee "$out/decode.json"
+python3 -m resnext_jax.benchmark --model "${MODEL:-resnext50_32x4d}" --batch-size "$batch" \
+  --dtype "${DTYPE:-bfloat16}" --steps "${STEPS:-10}" 2>&1 | tail -n 5 | tee "$out/step.txt"
