@@ -76,6 +76,14 @@ def test_decoding_from_the_mcu_boundary_gives_the_windows_exact_pixels(subsampli
   assert len(firsts) > 3  # windows off the boundary, decoded from left of them
 
 
+def test_other_formats_give_the_windows_columns_of_the_whole_image():
+  image = _photo(90, 130)
+  window = (tf.constant(7), tf.constant(19), tf.constant(50), tf.constant(61))
+  pixels, columns = transforms.decode_window_columns(tf.io.encode_png(image), lambda shape: window, 32)
+  np.testing.assert_array_equal(columns.numpy(), [19, 61])
+  np.testing.assert_array_equal(pixels.numpy()[:, 19:80], image[7:57, 19:80])
+
+
 def test_fast_transforms_stay_close_to_the_legacy_ones():
   """Same windows (same seeds) and flips; the differences are the resize filter, DCT scaling and uint8 rounding:
   small next to the difference another window makes."""

@@ -65,6 +65,8 @@ def test_the_transforms_give_the_same_pixels_with_and_without_the_op(monkeypatch
   _op()
   encoded = [tf.constant(synthetic_jpegs.encode_jpeg(synthetic_jpegs.photo_like(np.random.default_rng(s), h, w)))
              for s, (h, w) in enumerate([(375, 500), (900, 640), (120, 90)])]
+  png = synthetic_jpegs.photo_like(np.random.default_rng(9), 200, 300)
+  encoded.append(tf.io.encode_png(png))  # decoded whole; the op reads the window's columns of it in place
 
   def pixels():
     train = [transforms.train_pixels(e, tf.constant([3, s], tf.int64), augment="inception", size=64,
