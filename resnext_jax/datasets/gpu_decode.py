@@ -12,8 +12,12 @@ GPU (its hardware JPEG engines where the GPU has them, A100/H100/H200, else CUDA
 DLPack without a copy through the host, and device_augment crops, resizes, flips and normalises them.
 
 Known costs, to measure on a GPU: each distinct image size compiles its own small XLA program the first time it
-is seen (kept in memory, and across runs by the persistent compilation cache), and images are augmented one
-dispatch each, then stacked.
+is seen (kept in memory; the persistent compilation cache keeps only programs that took at least
+config.compilation_cache_min_compile_secs to compile, so these are likely compiled again in each process), and
+images are augmented one dispatch each, then stacked. On CPU the first pass over 8 sizes ran at 2.9 images/s, the
+second at 189 (benchmarks/gpu_decode_benchmark.py with the CPU backend). Fixed shapes would need nvImageCodec to
+decode into a caller's buffer (0.9 reuses only buffers it allocated) or to pad a region that reaches past the
+image (0.9's CPU decoders reject such regions; its GPU ones are untried).
 
 Install with `pip install 'nvidia-nvimgcodec-cu12[nvjpeg]'` (CUDA 12) or `'nvidia-nvimgcodec-cu13[nvjpeg]'`
 (CUDA 13): without nvJPEG (the extra, or a CUDA toolkit) nvImageCodec registers no GPU JPEG decoder. The decoder
