@@ -69,7 +69,10 @@ def train_dataset(source: sources.Source, config, *, start_step: int, process_in
     seed = tf.random.experimental.stateless_fold_in(key, e)
     shuffle_seed = tf.random.stateless_uniform([], seed, minval=None, maxval=None, dtype=tf.int64)
     ds = records.shuffle(config.shuffle_buffer_size, seed=shuffle_seed).take(steps_per_epoch * unique_per_step)
-    ds = _map(ds.enumerate(), lambda i, ex: (tf.random.experimental.stateless_fold_in(seed, i), ex))
+    # (epoch seed, (position, record)): each example's seed is folded from these in the parallel map below, not
+    # in a map of its own here: a sequential map hands every element to another thread and back (a ~10% slower
+    # train transform, one tf.data thread, 2-core Zen 4).
+    ds = tf.data.Dataset.zip((tf.data.Dataset.from_tensors(seed).repeat(), ds.enumerate()))
     skip = tf.where(e == first_epoch, tf.constant(steps_into_epoch * unique_per_step, tf.int64), 0)
     ds = ds.skip(skip)  # before decoding: resuming costs reading, not decoding, the skipped examples
     return ds if repeats == 1 else _map(ds, functools.partial(_repeat, k=repeats)).unbatch()
@@ -100,13 +103,19 @@ def train_dataset(source: sources.Source, config, *, start_step: int, process_in
       out["erase_key"] = transforms.erase_key(seed)
     return out
 
+  def seeded_example(epoch_seed, indexed):
+    position, ex = indexed
+    return to_example(tf.random.experimental.stateless_fold_in(epoch_seed, position), ex)
+
   ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(_plain(epoch))
-  ds = _map(ds, to_example, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = _map(ds, seeded_example if repeats == 1 else to_example, num_parallel_calls=tf.data.AUTOTUNE)
   return _finish(_spread_repeats(ds.batch(local_batch, drop_remainder=True), repeats, local_batch, local_devices))
 
 
-def _repeat(seed, ex, *, k: int):
-  """One example -> k copies (batched, for unbatch), copy j seeded by fold_in(seed, j)."""
+def _repeat(epoch_seed, indexed, *, k: int):
+  """One example -> k copies (batched, for unbatch), copy j seeded by fold_in(its seed, j)."""
+  position, ex = indexed
+  seed = tf.random.experimental.stateless_fold_in(epoch_seed, position)
   seeds = tf.stack([tf.random.experimental.stateless_fold_in(seed, j) for j in range(k)])
   return seeds, tf.nest.map_structure(lambda v: tf.repeat(v[None], k, axis=0), ex)
 
