@@ -42,18 +42,6 @@ def imagenet_like_jpegs(num_images: int, seed: int = 0) -> list[bytes]:
           for _ in range(num_images)]
 
 
-def inception_box(rng, h: int, w: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> list[int]:
-  """[y0, x0, y1, x1]: torchvision's RandomResizedCrop sampling, the whole image after 10 misses."""
-  for _ in range(10):
-    area = h * w * rng.uniform(*scale)
-    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
-    cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
-    if 0 < cw <= w and 0 < ch <= h:
-      y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-      return [y, x, y + ch, x + cw]
-  return [0, 0, h, w]
-
-
 def header_sizes(jpegs: list[bytes]) -> list[tuple[int, int]]:
   from PIL import Image  # pylint: disable=import-outside-toplevel
   return [Image.open(io.BytesIO(data)).size[::-1] for data in jpegs]
@@ -92,7 +80,7 @@ def main(argv=None) -> dict:
   jpegs = imagenet_like_jpegs(args.num_images)
   sizes = header_sizes(jpegs)
   rng = np.random.default_rng(1)
-  boxes = np.array([inception_box(rng, h, w) for h, w in sizes], np.int32)
+  boxes = np.array([synthetic_jpegs.inception_box(rng, h, w) for h, w in sizes], np.int32)
   flips = rng.uniform(size=len(jpegs)) < 0.5
   starts = range(0, len(jpegs) - args.batch_size + 1, args.batch_size)
   batches = [(jpegs[i:i + args.batch_size], boxes[i:i + args.batch_size], flips[i:i + args.batch_size])

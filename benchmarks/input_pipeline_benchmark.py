@@ -142,23 +142,13 @@ def pil_train_transform(size: int):
   import io  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
 
-  def window(rng, w, h):
-    for _ in range(10):  # torchvision's RandomResizedCrop sampling
-      area = w * h * rng.uniform(0.08, 1.0)
-      ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-      cw, ch = int(round(np.sqrt(area * ratio))), int(round(np.sqrt(area / ratio)))
-      if 0 < cw <= w and 0 < ch <= h:
-        return int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1)), cw, ch
-    return 0, 0, w, h
-
   def transform(example, rng):
     image = Image.open(io.BytesIO(example["image"]))
     w, h = image.size
-    x, y, cw, ch = window(rng, w, h)
-    image.draft("RGB", (max(1, w * size // cw), max(1, h * size // ch)))
+    y0, x0, y1, x1 = synthetic_jpegs.inception_box(rng, h, w)
+    image.draft("RGB", (max(1, w * size // (x1 - x0)), max(1, h * size // (y1 - y0))))
     sx, sy = image.size[0] / w, image.size[1] / h
-    out = image.convert("RGB").resize((size, size), Image.BILINEAR,
-                                      box=(x * sx, y * sy, (x + cw) * sx, (y + ch) * sy))
+    out = image.convert("RGB").resize((size, size), Image.BILINEAR, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy))
     if rng.uniform() < 0.5:
       out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return {"image": np.asarray(out), "label": np.int32(example["label"])}

@@ -33,6 +33,21 @@ def imagenet_size(rng: np.random.Generator) -> tuple[int, int]:
   return (shorter, longer) if rng.uniform() < 0.75 else (longer, shorter)
 
 
+def inception_box(rng: np.random.Generator, height: int, width: int, scale=(0.08, 1.0),
+                  ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  """(y0, x0, y1, x1): torchvision's RandomResizedCrop sampling in numpy, the whole image after 10 misses. The
+  crops the benchmarks' candidates without TensorFlow take (grain's PIL transform, the GPU decode check): the
+  distribution of the host path's crops, whose own sampler is a TF op."""
+  for _ in range(10):
+    area = height * width * rng.uniform(*scale)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+    cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+    if 0 < cw <= width and 0 < ch <= height:
+      x, y = int(rng.integers(0, width - cw + 1)), int(rng.integers(0, height - ch + 1))
+      return y, x, y + ch, x + cw
+  return 0, 0, height, width
+
+
 def photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
   """uint8 (height, width, 3) with a photo's spectrum, edges and noise (compresses like a photo)."""
   scale = max(height, width) / _MAX_SYNTH
