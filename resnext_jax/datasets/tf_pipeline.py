@@ -104,18 +104,22 @@ def train_dataset(source: sources.Source, config, *, start_step: int, process_in
     return out
 
   def seeded_example(epoch_seed, indexed):
-    position, ex = indexed
-    return to_example(tf.random.experimental.stateless_fold_in(epoch_seed, position), ex)
+    return to_example(*_seeded(epoch_seed, indexed))
 
   ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(_plain(epoch))
   ds = _map(ds, seeded_example if repeats == 1 else to_example, num_parallel_calls=tf.data.AUTOTUNE)
   return _finish(_spread_repeats(ds.batch(local_batch, drop_remainder=True), repeats, local_batch, local_devices))
 
 
+def _seeded(epoch_seed, indexed):
+  """(the example's seed, the record) from the epoch's seed and (its position in the epoch, the record)."""
+  position, ex = indexed
+  return tf.random.experimental.stateless_fold_in(epoch_seed, position), ex
+
+
 def _repeat(epoch_seed, indexed, *, k: int):
   """One example -> k copies (batched, for unbatch), copy j seeded by fold_in(its seed, j)."""
-  position, ex = indexed
-  seed = tf.random.experimental.stateless_fold_in(epoch_seed, position)
+  seed, ex = _seeded(epoch_seed, indexed)
   seeds = tf.stack([tf.random.experimental.stateless_fold_in(seed, j) for j in range(k)])
   return seeds, tf.nest.map_structure(lambda v: tf.repeat(v[None], k, axis=0), ex)
 
