@@ -11,8 +11,9 @@ command says whether the decode is right and fast enough for the step.
   RESNEXT_JAX_DECODE_BACKEND=cpu python benchmarks/gpu_decode_benchmark.py --num_images 16 --batch_size 8  # dry run
 
 Reports: agreement with PIL's decode of the same files (nvImageCodec's IDCT may differ by a few grey levels);
-decode-only images/s; decode + augment images/s on the first pass (each distinct image size compiles the
-per-image augmentation once: their number is printed) and on a second pass (compiled); and one JSON line. Crop
+decode-only images/s; decode + augment images/s on the first pass (each distinct image size compiles the small
+per-image window program once: the number of sizes and of programs compiled is printed) and on a second pass
+(compiled); and one JSON line. Crop
 boxes and flips come from torchvision's RandomResizedCrop sampling in numpy: the host path's distribution (TF's own
 sampler needs TensorFlow).
 """
@@ -31,6 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from resnext_jax.datasets import device_augment  # pylint: disable=wrong-import-position
 from resnext_jax.datasets import gpu_decode  # pylint: disable=wrong-import-position
 from resnext_jax.datasets import normalization  # pylint: disable=wrong-import-position
 from resnext_jax.datasets import synthetic_jpegs  # pylint: disable=wrong-import-position
@@ -97,6 +99,8 @@ def main(argv=None) -> dict:
             **agreement_with_pil(jpegs[:16])}
   result["decode_images_per_s"] = round(images_per_s(lambda b: gpu_decode.decode(b[0]), batches), 1)
   result["augment_images_per_s_first_pass"] = round(images_per_s(augment, batches), 1)
+  result["programs_compiled"] = {name: getattr(device_augment, name)._cache_size()  # pylint: disable=protected-access
+                                 for name in ("window", "resize_windows")}
   result["augment_images_per_s"] = round(images_per_s(augment, batches), 1)
   print(json.dumps(result))
   return result

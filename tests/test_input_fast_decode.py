@@ -150,6 +150,58 @@ def test_device_augment_ignores_canvas_padding():
   np.testing.assert_allclose(alone, padded, atol=1e-4)
 
 
+@pytest.mark.parametrize("antialias", [False, True])
+def test_device_resize_is_scale_and_translate_of_the_box(antialias):
+  """The windowed, gathered resize is jax.image.scale_and_translate of the box alone, to float rounding: for
+  boxes up to the canvas's size (the largest reductions, the most filter taps), upscaled boxes and flips."""
+  size = 16
+  rng = np.random.default_rng(int(antialias))
+  image = rng.integers(0, 256, (140, 170, 3), np.uint8)
+  limit = device_augment.canvas_size(size, antialias)
+  for _ in range(30):
+    h = int(rng.integers(3, min(140, 2 * device_augment.decode_min_size(size, antialias))))
+    w = int(rng.integers(3, min(170, limit, h * 4 // 3 + 1)))
+    y0, x0, flip = int(rng.integers(0, 140 - h + 1)), int(rng.integers(0, 170 - w + 1)), bool(rng.integers(2))
+    got = device_augment.crop_resize_flip([image], np.array([[y0, x0, y0 + h, x0 + w]]), np.array([flip]),
+                                          size=size, antialias=antialias)[0]
+    want = jax.image.scale_and_translate(jnp.asarray(image[y0:y0 + h, x0:x0 + w], jnp.float32), (size, size, 3),
+                                         (0, 1), jnp.array([size / h, size / w]), jnp.zeros(2), "linear",
+                                         antialias=antialias)
+    np.testing.assert_allclose(got, want[:, ::-1] if flip else want, atol=2e-3, err_msg=f"{(y0, x0, h, w, flip)}")
+
+
+def test_device_windows_of_any_size_share_one_resize_program():
+  """Decoded images come in as many shapes as there are image sizes: only the small window program is compiled per
+  shape; the batch's resize compiles once."""
+  rng = np.random.default_rng(3)
+  batches = []
+  for _ in range(2):
+    sizes = [(int(rng.integers(40, 90)), int(rng.integers(40, 90))) for _ in range(4)]
+    images = [rng.integers(0, 256, (h, w, 3), np.uint8) for h, w in sizes]
+    batches.append((images, np.array([[0, 0, h, w] for h, w in sizes]), np.zeros(4, bool)))
+  resizes, windows = device_augment.resize_windows._cache_size(), device_augment.window._cache_size()
+  for images, boxes, flips in batches:
+    assert device_augment.crop_resize_flip(images, boxes, flips, size=24).shape == (4, 24, 24, 3)
+  assert device_augment.resize_windows._cache_size() == resizes + 1
+  assert device_augment.window._cache_size() == windows + len({x.shape for b in batches for x in b[0]})
+
+
+def test_device_plan_puts_the_hosts_window_on_the_canvas():
+  """The window is the host's (the box snapped to the r-grid; partial at the image's edge); a box too long for the
+  canvas (a panorama's whole-image crop) is averaged at the next power of two that fits."""
+  size = 32  # min_size 32, canvas 96
+  assert device_augment.plan((0, 0, 50, 60), size, False) == (1, (0, 0), (50, 60))
+  assert device_augment.plan((64, 8, 130, 81), size, False) == (2, (32, 4), (33, 37))  # 1/2: rows 32-64
+  assert device_augment.plan((0, 0, 40, 300), size, False) == (4, (0, 0), (10, 75))  # 1/1, 1/2 too wide
+  assert device_augment.plan((0, 0, 800, 900), size, False) == (16, (0, 0), (50, 57))  # past 1/8
+  image = np.random.default_rng(0).integers(0, 256, (9, 6, 1), np.uint8)
+  window = np.asarray(device_augment.window(image, (1, 1), r=2, canvas=8))
+  padded = np.pad(image, ((0, 1), (0, 0), (0, 0)), mode="edge").astype(np.float32)
+  means = padded.reshape(5, 2, 3, 2, 1).mean(axis=(1, 3))
+  np.testing.assert_array_equal(window[:4, :2], np.round(means[1:, 1:]).astype(np.uint8))
+  assert not window[4:].any() and not window[:, 2:].any()  # zero past the image
+
+
 def test_gpu_decode_says_what_to_install():
   from resnext_jax.datasets import gpu_decode  # pylint: disable=import-outside-toplevel
   try:
@@ -225,6 +277,7 @@ def test_gpu_decode_benchmark_dry_run_with_the_cpu_backend(monkeypatch):
   import gpu_decode_benchmark  # pylint: disable=import-outside-toplevel
   result = gpu_decode_benchmark.main(["--num_images=6", "--batch_size=3", "--image_size=32"])
   assert result["backend"] == "cpu" and result["num_images"] == 6 and result["distinct_sizes"] >= 2
+  assert result["programs_compiled"]["resize_windows"] >= 1
   assert result["max_abs_diff_vs_pil"] <= 8 and result["mean_abs_diff_vs_pil"] < 1.0  # IDCTs differ slightly
   assert result["decode_images_per_s"] > 0 and result["augment_images_per_s"] > 0
 

@@ -2,64 +2,122 @@
 the JPEGs on the GPU; this turns the decoded images into the training batch). Plain JAX, so it runs (and is
 tested) on CPU too.
 
-Images of different sizes can share one zero-padded canvas (B, H, W, C): only the pixels inside each image's crop
-box are read. Each output is the crop box [y0, y1) x [x0, x1) of its image resized to size x size with the
-filter `transforms.resize` uses on the host: bilinear with half-pixel centres (or, with antialias, the triangle
-filter widened by the reduction factor), edges clamped at the box, not the canvas: as
-`jax.image.scale_and_translate` (TF's ScaleAndTranslate) would on the box alone. So for the same boxes and flips
-the result equals the host path's `train_pixels` before its rounding to uint8 (tests/test_input_fast_decode.py).
-Where the host decodes a large window at 1/r (DCT scaling, r = 2, 4, 8), the device, which decodes at full size,
-averages r x r blocks first: what the scaled inverse DCT amounts to, near enough (a few grey levels apart).
+Each output is the crop box [y0, y1) x [x0, x1) of its image resized to size x size with the filter
+`transforms.resize` uses on the host: bilinear with half-pixel centres (or, with antialias, the triangle filter
+widened by the reduction factor), edges clamped at the box: as `jax.image.scale_and_translate` (TF's
+ScaleAndTranslate) would on the box alone. Where the host decodes a large box at 1/r (DCT scaling, r = 2, 4, 8),
+the device, which decodes at full size, averages r x r blocks first: what the scaled inverse DCT amounts to, near
+enough (a few grey levels apart). So for the same boxes and flips the result equals the host path's
+`train_pixels` before its rounding to uint8 where r = 1 (tests/test_input_fast_decode.py).
 
-The resize is two dense contractions with per-image weight matrices (size x H and size x W), vmapped over the
-batch: the formulation `jax.image.scale_and_translate` uses, here with the box and the valid size per image.
+Two programs, because decoded images come in as many shapes as the dataset has image sizes, and XLA compiles
+one program per input shape:
+- `window`, per image: the box's window of the image at 1/r, into a fixed canvas (canvas_size x canvas_size,
+  zero beyond the window). The only program compiled per image size (and r): pads, block means and a slice, no
+  dot, so nothing for XLA's GPU autotuner to time. On a 2-core Zen 4's CPU it compiles in 0.05 s where the
+  previous design's per-image resize took 0.36 s.
+- `resize_windows`, once per batch shape: the windows' resize and flip, vmapped over the batch. Each output pixel
+  reads only its filter's taps (gathers, K per axis), not a dense (size x canvas) matrix: its work does not grow
+  with the canvas. Window and resize take 0.15 + 0.67 ms per 375 x 500 image on that CPU, where the per-image
+  resize took 3.7 ms.
+The canvas holds any window the host path would decode: the host picks r so that the box's shorter side is under
+2 * min_size at 1/r (for r < 8), and Inception boxes have aspect ratios within 3:4..4:3, so both sides fit in
+8/3 * min_size. A box that does not fit (a whole-image fallback crop of a panorama, a box 8x min_size at 1/8) is
+averaged at the next power of two that fits: a smoother input than the host's, for those rare boxes only.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+DCT_SCALES = (1, 2, 4, 8)  # as transforms.DCT_SCALES (that module needs TensorFlow)
 
 
-def dct_scale(h, w, min_size):
-  """The DCT scale r (1, 2, 4 or 8) the host decodes an h x w window at (transforms.dct_scale_index)."""
-  shorter = jnp.minimum(h, w)
-  return jnp.select([shorter >= 8 * min_size, shorter >= 4 * min_size, shorter >= 2 * min_size], [8.0, 4.0, 2.0], 1.0)
+def decode_min_size(size: int, antialias: bool) -> int:
+  """As transforms.decode_min_size: the smallest side the host decodes a window at before resizing it to size."""
+  return 2 * size if antialias else size
 
 
-def _weights(in_size: int, lo, hi, out_size: int, r, antialias: bool, flip=False) -> jax.Array:
-  """(out_size, in_size) float32 weights resampling the window [lo, hi) of a row (traced, whole pixels) as the host
-  does: average r x r blocks (what decoding at 1/r does, near enough), then the triangle kernel on that grid,
-  stretched by the remaining reduction when antialiasing (plain bilinear when r = 1 and antialias is off)."""
-  scale = out_size * r / (hi - lo)  # output pixels per 1/r-scaled pixel
+def canvas_size(size: int, antialias: bool) -> int:
+  """The side of the fixed canvas each window is put on: 8/3 * min_size (see the module docstring), to 16 pixels."""
+  return -(-8 * decode_min_size(size, antialias) // 48) * 16
+
+
+def dct_scale(h: int, w: int, min_size: int) -> int:
+  """The DCT scale r the host decodes an h x w box at (transforms.dct_scale_index): the largest of 1, 2, 4, 8 with
+  both sides >= r * min_size."""
+  return max(r for r in DCT_SCALES if min(h, w) >= r * min_size or r == 1)
+
+
+def plan(box, size: int, antialias: bool) -> tuple[int, tuple[int, int], tuple[int, int]]:
+  """(r, origin, extent) for a box (y0, x0, y1, x1) in full-size pixels: the image is averaged over r x r blocks,
+  and the window [origin, origin + extent) of that 1/r image is the box as the host decodes it (snapped outward
+  to the r-grid, transforms.snap_window; its last row or column partial where the box reaches the image's edge)."""
+  y0, x0, y1, x1 = (int(v) for v in box)
+  canvas = canvas_size(size, antialias)
+  r = dct_scale(y1 - y0, x1 - x0, decode_min_size(size, antialias))
+  while -(-y1 // r) - y0 // r > canvas or -(-x1 // r) - x0 // r > canvas:
+    r *= 2
+  origin = (y0 // r, x0 // r)
+  return r, origin, (-(-y1 // r) - origin[0], -(-x1 // r) - origin[1])
+
+
+@functools.partial(jax.jit, static_argnames=("r", "canvas"))
+def window(image: jax.Array, origin, *, r: int, canvas: int) -> jax.Array:
+  """uint8 (H, W, C) image -> uint8 (canvas, canvas, C): its 1/r version (r x r block means, rounded; a partial
+  block at the bottom or right edge repeats the edge, as JPEG encoders pad) from `origin` on, zero past its edge."""
+  h, w, channels = image.shape
+  if r > 1:
+    hp, wp = -(-h // r) * r, -(-w // r) * r
+    image = jnp.pad(image, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge")
+    blocks = image.reshape(hp // r, r, wp // r, r, channels).astype(jnp.float32).mean(axis=(1, 3))
+    image = jnp.round(blocks).astype(jnp.uint8)
+  image = jnp.pad(image, ((0, canvas), (0, canvas), (0, 0)))  # so that the slice below never shifts
+  return jax.lax.dynamic_slice(image, (origin[0], origin[1], 0), (canvas, canvas, channels))
+
+
+def _taps(extent, out_size: int, canvas: int, antialias: bool):
+  """(indices, weights), each (out_size, K): the pixels of [0, extent) each output pixel reads and their weights,
+  as `jax.image.scale_and_translate`'s triangle kernel (stretched by the reduction factor when antialiasing)."""
+  scale = out_size / extent.astype(jnp.float32)  # output pixels per input pixel
   kernel_scale = jnp.maximum(1.0 / scale, 1.0) if antialias else 1.0
-  sample = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) / scale + lo / r - 0.5  # in 1/r-scaled pixels
-  pixels = jnp.arange(in_size, dtype=jnp.float32)
-  block = jnp.floor(pixels / r)  # the 1/r-scaled pixel each input pixel falls in
-  w = jnp.maximum(0.0, 1.0 - jnp.abs(sample[:, None] - block[None, :]) / kernel_scale)
-  w = jnp.where((pixels >= lo) & (pixels < hi), w, 0.0)  # only the window: edges clamp at the box
-  w = w / jnp.maximum(w.sum(axis=1, keepdims=True), 1e-12)
-  return jnp.where(flip, w[::-1], w)
+  taps = 2 * -(-canvas // out_size) + 2 if antialias else 3  # >= the kernel's support, 2 * kernel_scale + 1
+  sample = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) / scale - 0.5
+  pixels = jnp.floor(sample - kernel_scale).astype(jnp.int32)[:, None] + 1 + jnp.arange(taps)[None, :]
+  weights = jnp.maximum(0.0, 1.0 - jnp.abs(sample[:, None] - pixels) / kernel_scale)
+  weights = jnp.where((pixels >= 0) & (pixels < extent), weights, 0.0)
+  weights = weights / jnp.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
+  return jnp.clip(pixels, 0, canvas - 1), weights
 
 
-def _one(image, box, flip, *, size: int, antialias: bool):
-  y0, x0, y1, x1 = (box[k].astype(jnp.float32) for k in range(4))
-  r = dct_scale(y1 - y0, x1 - x0, 2 * size if antialias else size)  # transforms.decode_min_size
-  wy = _weights(image.shape[0], y0, y1, size, r, antialias)
-  wx = _weights(image.shape[1], x0, x1, size, r, antialias, flip)
-  rows = jnp.einsum("oh,hwc->owc", wy, image.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-  return jnp.einsum("pw,owc->opc", wx, rows, precision=jax.lax.Precision.HIGHEST)
-
-
-@functools.partial(jax.jit, static_argnames=("size", "antialias"))
-def crop_resize_flip(images: jax.Array, boxes: jax.Array, flips: jax.Array, *, size: int,
-                     antialias: bool = False) -> jax.Array:
-  """images (B, H, W, C) any dtype; boxes (B, 4) int [y0, x0, y1, x1] inside each image's valid pixels; flips (B,)
-  bool -> float32 (B, size, size, C) in the images' value range (0..255 for uint8), not rounded."""
-  return jax.vmap(functools.partial(_one, size=size, antialias=antialias))(images, boxes, flips)
+def _resize_one(canvas, extent, flip, *, size: int, antialias: bool):
+  pixels = canvas.astype(jnp.float32)
+  rows_at, rows_w = _taps(extent[0], size, canvas.shape[0], antialias)
+  rows = sum(rows_w[:, k, None, None] * pixels[rows_at[:, k]] for k in range(rows_at.shape[1]))
+  cols_at, cols_w = _taps(extent[1], size, canvas.shape[1], antialias)
+  cols_at, cols_w = jnp.where(flip, cols_at[::-1], cols_at), jnp.where(flip, cols_w[::-1], cols_w)
+  return sum(cols_w[None, :, k, None] * rows[:, cols_at[:, k]] for k in range(cols_at.shape[1]))
 
 
 @functools.partial(jax.jit, static_argnames=("size", "antialias"))
-def augment_and_normalize(images, boxes, flips, scale, offset, *, size: int, antialias: bool = False):
-  """crop_resize_flip, then (pixels * scale + offset) per channel: the normalised training batch."""
-  return crop_resize_flip(images, boxes, flips, size=size, antialias=antialias) * scale + offset
+def resize_windows(windows: jax.Array, extents: jax.Array, flips: jax.Array, *, size: int,
+                   antialias: bool = False) -> jax.Array:
+  """windows (B, canvas, canvas, C) from `window`, extents (B, 2) int (the window's height and width), flips (B,)
+  bool -> float32 (B, size, size, C) in the windows' value range (0..255), not rounded."""
+  return jax.vmap(functools.partial(_resize_one, size=size, antialias=antialias))(windows, extents, flips)
+
+
+def crop_resize_flip(images, boxes, flips, *, size: int, antialias: bool = False) -> jax.Array:
+  """images: a sequence of (H, W, C) arrays, any sizes, or one (B, H, W, C) array; boxes (B, 4) int [y0, x0, y1,
+  x1] in each image's pixels, inside it; flips (B,) bool -> float32 (B, size, size, C), not rounded. One `window`
+  dispatch per image (the boxes are read on the host), one `resize_windows` for the batch."""
+  canvas = canvas_size(size, antialias)
+  windows, extents = [], []
+  for image, box in zip(images, np.asarray(boxes)):
+    r, origin, extent = plan(box, size, antialias)
+    windows.append(window(image, origin, r=r, canvas=canvas))
+    extents.append(extent)
+  return resize_windows(jnp.stack(windows), jnp.asarray(extents, jnp.int32), jnp.asarray(flips), size=size,
+                        antialias=antialias)

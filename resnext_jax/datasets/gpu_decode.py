@@ -11,13 +11,13 @@ the host path). Batches of (encoded bytes, box, flip, label) come here: nvImageC
 GPU (its hardware JPEG engines where the GPU has them, A100/H100/H200, else CUDA), the images reach JAX through
 DLPack without a copy through the host, and device_augment crops, resizes, flips and normalises them.
 
-Known costs, to measure on a GPU: each distinct image size compiles its own small XLA program the first time it
-is seen (kept in memory; the persistent compilation cache keeps only programs that took at least
-config.compilation_cache_min_compile_secs to compile, so these are likely compiled again in each process), and
-images are augmented one dispatch each, then stacked. On CPU the first pass over 8 sizes ran at 2.9 images/s, the
-second at 189 (benchmarks/gpu_decode_benchmark.py with the CPU backend). Fixed shapes would need nvImageCodec to
-decode into a caller's buffer (0.9 reuses only buffers it allocated) or to pad a region that reaches past the
-image (0.9's CPU decoders reject such regions; its GPU ones are untried).
+Known costs, to measure on a GPU: each image is one small dispatch (device_augment.window), and each distinct
+image size compiles that small program once in each process (no dot, so no autotuning; 0.05 s on a 2-core Zen 4's
+CPU backend; too fast to be worth the persistent cache's threshold). The batch's resize is one program. A fixed
+decode shape would remove the per-size programs, but nvImageCodec 0.9 neither decodes into a caller's buffer
+(it reuses only buffers it allocated) nor pads a region that reaches past the image (its CPU decoders reject
+such regions), and its GPU region decode has a reported regression on H100 and A100 (NVIDIA/nvImageCodec#55):
+so whole images are decoded here, and only the window is kept.
 
 Install with `pip install 'nvidia-nvimgcodec-cu12[nvjpeg]'` (CUDA 12) or `'nvidia-nvimgcodec-cu13[nvjpeg]'`
 (CUDA 13): without nvJPEG (the extra, or a CUDA toolkit) nvImageCodec registers no GPU JPEG decoder. The decoder
@@ -88,7 +88,8 @@ def _decode_params():
 
 def decode(encoded: list[bytes]) -> list[jax.Array]:
   """Encoded images -> uint8 (H, W, 3) jax.Arrays: on the current GPU through DLPack (nvImageCodec's batch decode),
-  or, with the CPU backend, copied from its host buffers."""
+  or, with the CPU backend, copied from its host buffers (by jax.device_put: jnp.asarray compiled a program per
+  image shape, 11 ms each, which made a first pass over 168 sizes 10x slower than the next)."""
   name = backend()
   images = _decoder(name).decode(list(encoded), params=_decode_params())
   out = []
@@ -96,15 +97,12 @@ def decode(encoded: list[bytes]) -> list[jax.Array]:
     if image is None:
       raise DataError(f"nvImageCodec ({name} backend) could not decode image {i} of the batch: not an image it "
                       f"reads, or no GPU JPEG decoder (nvJPEG) installed. {INSTALL_HINT}")
-    out.append(jnp.asarray(np.asarray(image.cpu())) if name == "cpu" else jax.dlpack.from_dlpack(image))
+    out.append(jax.device_put(np.asarray(image.cpu())) if name == "cpu" else jax.dlpack.from_dlpack(image))
   return out
 
 
 def augment_batch(encoded, boxes, flips, *, size: int, mean, std, antialias: bool = False) -> jax.Array:
   """A host batch (encoded bytes, boxes (B, 4), flips (B,)) -> normalised float32 (B, size, size, 3) on the GPU."""
   scale, offset = normalization.normalization(mean, std)
-  pieces = []
-  for image, box, flip in zip(decode(encoded), np.asarray(boxes), np.asarray(flips)):
-    pieces.append(device_augment.crop_resize_flip(image[None], jnp.asarray(box[None]), jnp.asarray(flip[None]),
-                                                  size=size, antialias=antialias)[0])
-  return jnp.stack(pieces) * jnp.asarray(scale) + jnp.asarray(offset)
+  pixels = device_augment.crop_resize_flip(decode(encoded), boxes, flips, size=size, antialias=antialias)
+  return pixels * jnp.asarray(scale) + jnp.asarray(offset)
