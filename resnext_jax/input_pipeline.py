@@ -9,6 +9,7 @@ carries a mask so that every example counts exactly once, with the same number o
 
 import collections
 from collections.abc import Iterable, Iterator
+import concurrent.futures
 import dataclasses
 import functools
 import importlib
@@ -222,37 +223,61 @@ def _decode_on_device(config) -> bool:
 def _device_decoded_batches(local_batches: Iterable[dict], mesh, global_batch_size: int, prefetch: int, config,
                             normalize, erasing=None) -> Iterator[dict]:
   """Host batches of (encoded bytes, box, flip, label[, mask][, erase_key]) -> global batches decoded and augmented
-  on the GPU (gpu_decode, device_augment; then random erasing, as _global_batches). Padding (mask False) is not
-  decoded: its image is all-zero."""
+  on the GPUs (gpu_decode, device_augment; then random erasing, as _global_batches).
+
+  Each of this process's devices decodes and augments its own slice of the batch, in a thread of its own (the
+  decoder waits for its GPU): an 8-GPU host decodes on 8 GPUs at once, not all on the first. The slices become the
+  global batch where they are (make_array_from_single_device_arrays), never through the host or another device.
+  Padding (mask False) is not decoded: its image is all-zero.
+  """
   gpu_decode = importlib.import_module("resnext_jax.datasets.gpu_decode")
   sharding = NamedSharding(mesh, P("data"))
-  size = config.image_size
+  shape = (global_batch_size, config.image_size, config.image_size, 3)
+  slices = _local_slices(sharding, shape)
+  decode_slice = functools.partial(_decode_slice, gpu_decode, config=config, normalize=normalize, erasing=erasing)
 
   def to_global(x):
-    if jax.process_count() == 1:  # device to device, never through the host
-      return jax.device_put(x, sharding)
     return jax.make_array_from_process_local_data(sharding, x, (global_batch_size, *x.shape[1:]))
 
   queue = collections.deque()
-  for batch in local_batches:
-    n = len(batch["label"])
-    keep = np.flatnonzero(batch["mask"]) if "mask" in batch else np.arange(n)
-    flips = batch["flip"] if "flip" in batch else np.zeros(n, bool)
-    images = jnp.zeros((n, size, size, 3), jnp.float32)
-    if len(keep):
-      decoded = gpu_decode.augment_batch([batch["encoded"][i] for i in keep], batch["box"][keep], flips[keep],
-                                         size=size, mean=normalize[0], std=normalize[1],
-                                         antialias=bool(config.get("antialias", False)))
-      images = decoded if len(keep) == n else images.at[keep].set(decoded)
-    if erasing is not None:
-      images = augment.random_erase(images, jnp.asarray(batch["erase_key"]), erasing)
-    out = {"image": to_global(images), "label": to_global(batch["label"])}
-    if "mask" in batch:
-      out["mask"] = to_global(batch["mask"])
-    queue.append(out)
-    while len(queue) > prefetch:
-      yield queue.popleft()
-  yield from queue
+  with concurrent.futures.ThreadPoolExecutor(len(slices), thread_name_prefix="decode_on_device") as pool:
+    for batch in local_batches:
+      shards = list(pool.map(lambda device_rows, batch=batch: decode_slice(batch, *device_rows), slices))
+      out = {"image": jax.make_array_from_single_device_arrays(shape, sharding, shards),
+             "label": to_global(batch["label"])}
+      if "mask" in batch:
+        out["mask"] = to_global(batch["mask"])
+      queue.append(out)
+      while len(queue) > prefetch:
+        yield queue.popleft()
+    yield from queue
+
+
+def _local_slices(sharding, shape) -> list[tuple[jax.Device, slice]]:
+  """(device, its rows of the process-local batch) for each of this process's devices, in batch order: the local
+  batch is the process's contiguous part of the global one, as make_array_from_process_local_data lays it out."""
+  indices = sharding.addressable_devices_indices_map(shape)
+  rows = sorted((((index[0].start or 0, index[0].stop or shape[0]), device) for device, index in indices.items()),
+                key=lambda row: row[0])
+  first = rows[0][0][0]
+  return [(device, slice(start - first, stop - first)) for (start, stop), device in rows]
+
+
+def _decode_slice(gpu_decode, batch: dict, device, rows: slice, *, config, normalize, erasing) -> jax.Array:
+  """The images of batch[rows], decoded, augmented and normalised on `device` (zero where mask is False)."""
+  n, size = rows.stop - rows.start, config.image_size
+  keep = np.flatnonzero(batch["mask"][rows]) if "mask" in batch else np.arange(n)
+  flips = batch["flip"][rows] if "flip" in batch else np.zeros(n, bool)
+  images = jnp.zeros((n, size, size, 3), jnp.float32, device=device)
+  if len(keep):
+    encoded = batch["encoded"][rows]
+    decoded = gpu_decode.augment_batch([encoded[i] for i in keep], batch["box"][rows][keep], flips[keep],
+                                       size=size, mean=normalize[0], std=normalize[1],
+                                       antialias=bool(config.get("antialias", False)), device=device)
+    images = decoded if len(keep) == n else images.at[keep].set(decoded)
+  if erasing is not None:
+    images = augment.random_erase(images, jax.device_put(batch["erase_key"][rows], device), erasing)
+  return images
 
 
 def _synthetic_batches(config, mesh, global_batch_size: int, num_batches: int | None) -> Iterator[dict]:

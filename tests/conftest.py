@@ -113,6 +113,18 @@ def process_env(devices: int, **extra) -> dict:
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
+def require_nvimgcodec():
+  """nvidia.nvimgcodec (config.decode_on_device's decoder; its CPU backend runs that path here); the test skips
+  without it, or fails where $RESNEXT_JAX_REQUIRE_NVIMGCODEC says it must be installed (CI)."""
+  try:
+    from nvidia import nvimgcodec  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    if os.environ.get("RESNEXT_JAX_REQUIRE_NVIMGCODEC"):
+      raise
+    pytest.skip("nvImageCodec is not installed (pip install nvidia-nvimgcodec-cu13; .ci/run installs it)")
+  return nvimgcodec
+
+
 def run_main(args, *, devices=1, timeout=420, env=None):
   """Runs main.py in a fresh process with `devices` fake CPU devices; returns the CompletedProcess."""
   return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args], cwd=REPO,

@@ -5,6 +5,7 @@ test_input_end_to_end.py.)"""
 
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -15,7 +16,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import REPO
+from conftest import REPO, process_env, require_nvimgcodec
 from resnext_jax import errors
 from resnext_jax import input_pipeline
 from resnext_jax.datasets import device_augment
@@ -217,21 +218,11 @@ def test_gpu_decode_says_what_to_install():
       input_pipeline.create_train_iterator(config, _mesh())
 
 
-def _nvimgcodec():
-  try:
-    from nvidia import nvimgcodec  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    if os.environ.get("RESNEXT_JAX_REQUIRE_NVIMGCODEC"):
-      raise
-    pytest.skip("nvImageCodec is not installed (pip install nvidia-nvimgcodec-cu13; .ci/run installs it)")
-  return nvimgcodec
-
-
 def test_decode_on_device_runs_the_whole_pipeline_with_nvimgcodecs_cpu_backend(tmp_path, monkeypatch):
   """config.decode_on_device end to end (tf.data's records and boxes, nvImageCodec's batch decode, the device
   crop, resize, flip and normalisation, the global batch), with nvImageCodec's CPU backend standing in for its
   GPU one: the same batches as the host path, but for decoders' rounding and the DCT-scale approximation."""
-  _nvimgcodec()
+  require_nvimgcodec()
   monkeypatch.setenv("RESNEXT_JAX_DECODE_BACKEND", "cpu")
   _image_folder(str(tmp_path), [(300, 200), (90, 120), (260, 400), (100, 100), (375, 500), (64, 64)])
   config = default.get_config()
@@ -254,8 +245,54 @@ def test_decode_on_device_runs_the_whole_pipeline_with_nvimgcodecs_cpu_backend(t
   assert np.abs(device[0][0] - host[1][0]).mean() > 10
 
 
+_FOUR_DEVICES = """
+import sys
+import jax, numpy as np
+from resnext_jax import input_pipeline, runtime
+from resnext_jax.configs import default
+from resnext_jax.datasets import device_augment, normalization
+mesh = runtime.make_mesh()
+config = default.get_config()
+config.update(dataset="imagefolder", data_dir=sys.argv[1], eval_split="train", image_size=32, batch_size=8,
+              eval_batch_size=8, shuffle_buffer_size=16, reprob=0.5)  # random erasing: per-example keys
+batches = {}
+for on_device in (False, True):
+  config.decode_on_device = on_device
+  batches[on_device] = [next(input_pipeline.create_train_iterator(config, mesh, start_step=1)),
+                        *input_pipeline.create_eval_iterator(config, mesh)]
+scale, offset = normalization.normalization(normalization.IMAGENET_MEAN, normalization.IMAGENET_STD)
+for host, device in zip(batches[False], batches[True]):
+  for key in ("label", "mask"):
+    np.testing.assert_array_equal(host.get(key, 0), device.get(key, 0))
+  diff = np.abs(np.asarray(host["image"]) - np.asarray(device["image"])) / scale
+  print("diff", diff.mean(), np.percentile(diff, 99))
+image = batches[True][0]["image"]
+print("shards", sorted(s.device.id for s in image.addressable_shards), image.sharding.spec == jax.sharding.PartitionSpec("data"))
+print("resize programs", device_augment.resize_windows._cache_size())
+"""
+
+
+def test_decode_on_device_decodes_each_devices_slice_on_that_device(tmp_path):
+  """With 4 devices, each decodes and augments its own quarter of the batch (the global array is made from the
+  slices where they are: a slice computed elsewhere would not assemble), padding included (9 eval examples: a
+  device with one real image and one padding, devices with padding only), random erasing too (each slice with its
+  examples' keys); the batches equal the host path's."""
+  require_nvimgcodec()
+  sizes = [(300, 200), (90, 120), (260, 400), (100, 100), (375, 500), (64, 64), (120, 90), (200, 150), (77, 99)]
+  _image_folder(str(tmp_path), sizes)
+  result = subprocess.run([sys.executable, "-c", _FOUR_DEVICES, str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=process_env(4, RESNEXT_JAX_DECODE_BACKEND="cpu"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  diffs = [[float(v) for v in line.split()[1:]] for line in lines if line.startswith("diff")]
+  assert len(diffs) == 3  # one train batch, two eval batches (8 + 1 example)
+  assert all(mean < 2.0 and p99 < 16 for mean, p99 in diffs), diffs
+  assert "shards [0, 1, 2, 3] True" in lines
+  assert int(next(line for line in lines if line.startswith("resize programs")).split()[-1]) >= 4
+
+
 def test_decode_on_device_names_what_it_cannot_decode(monkeypatch):
-  _nvimgcodec()
+  require_nvimgcodec()
   from resnext_jax.datasets import gpu_decode  # pylint: disable=import-outside-toplevel
   monkeypatch.setenv("RESNEXT_JAX_DECODE_BACKEND", "cpu")
   good = synthetic_jpegs.encode_jpeg(_photo(40, 30))
@@ -271,7 +308,7 @@ def test_decode_on_device_names_what_it_cannot_decode(monkeypatch):
 
 def test_gpu_decode_benchmark_dry_run_with_the_cpu_backend(monkeypatch):
   """The device check made for GPU machines without TensorFlow runs end to end (here on nvImageCodec's CPU)."""
-  _nvimgcodec()
+  require_nvimgcodec()
   monkeypatch.setenv("RESNEXT_JAX_DECODE_BACKEND", "cpu")
   sys.path.insert(0, os.path.join(REPO, "benchmarks"))
   import gpu_decode_benchmark  # pylint: disable=import-outside-toplevel

@@ -9,7 +9,8 @@ The host keeps the cheap, sequential part: tf.data reads and shuffles the record
 each JPEG's header alone, computes the crop box and flip (`transforms.train_box`, same seeds, so the same boxes as
 the host path). Batches of (encoded bytes, box, flip, label) come here: nvImageCodec decodes the batch on the
 GPU (its hardware JPEG engines where the GPU has them, A100/H100/H200, else CUDA), the images reach JAX through
-DLPack without a copy through the host, and device_augment crops, resizes, flips and normalises them.
+DLPack without a copy through the host, and device_augment crops, resizes, flips and normalises them. Each
+device decodes its own slice of the batch (input_pipeline._device_decoded_batches), with a decoder of its own.
 
 Known costs, to measure on a GPU: each image is one small dispatch (device_augment.window), and each distinct
 image size compiles that small program once in each process (no dot, so no autotuning; 0.05 s on a 2-core Zen 4's
@@ -68,13 +69,15 @@ def check_device() -> None:
 
 
 @functools.cache
-def _decoder(name: str):
+def _decoder(name: str, device_id: int):
+  """One decoder per device: input_pipeline decodes each device's slice in a thread of its own, and a decoder is
+  not safe to share between threads (the CPU backend's failed when four threads shared it)."""
   codec = nvimgcodec()
   if name == "cpu":
     return codec.Decoder(device_id=codec.NVIMGCODEC_DEVICE_CPU_ONLY,
                          backends=[codec.Backend(codec.BackendKind.CPU_ONLY)])
   kinds = (codec.BackendKind.HW_GPU_ONLY, codec.BackendKind.GPU_ONLY, codec.BackendKind.HYBRID_CPU_GPU)
-  return codec.Decoder(backends=[codec.Backend(kind) for kind in kinds])
+  return codec.Decoder(device_id=device_id, backends=[codec.Backend(kind) for kind in kinds])
 
 
 @functools.cache
@@ -86,23 +89,27 @@ def _decode_params():
                             sample_format=codec.SampleFormat.I_RGB)
 
 
-def decode(encoded: list[bytes]) -> list[jax.Array]:
-  """Encoded images -> uint8 (H, W, 3) jax.Arrays: on the current GPU through DLPack (nvImageCodec's batch decode),
-  or, with the CPU backend, copied from its host buffers (by jax.device_put: jnp.asarray compiled a program per
-  image shape, 11 ms each, which made a first pass over 168 sizes 10x slower than the next)."""
-  name = backend()
-  images = _decoder(name).decode(list(encoded), params=_decode_params())
+def decode(encoded: list[bytes], device: jax.Device | None = None) -> list[jax.Array]:
+  """Encoded images -> uint8 (H, W, 3) jax.Arrays on `device` (default: the first local one): decoded on that GPU
+  and handed over through DLPack (nvImageCodec's batch decode), or, with the CPU backend, copied from its host
+  buffers (by jax.device_put: jnp.asarray compiled a program per image shape, 11 ms each, which made a first pass
+  over 168 sizes 10x slower than the next)."""
+  name, device = backend(), device or jax.local_devices()[0]
+  device_id = device.local_hardware_id if name == "gpu" else device.id  # the CPU backend's key: one per thread
+  images = _decoder(name, device_id).decode(list(encoded), params=_decode_params())
   out = []
   for i, image in enumerate(images):
     if image is None:
       raise DataError(f"nvImageCodec ({name} backend) could not decode image {i} of the batch: not an image it "
                       f"reads, or no GPU JPEG decoder (nvJPEG) installed. {INSTALL_HINT}")
-    out.append(jax.device_put(np.asarray(image.cpu())) if name == "cpu" else jax.dlpack.from_dlpack(image))
+    out.append(jax.device_put(np.asarray(image.cpu()), device) if name == "cpu" else jax.dlpack.from_dlpack(image))
   return out
 
 
-def augment_batch(encoded, boxes, flips, *, size: int, mean, std, antialias: bool = False) -> jax.Array:
-  """A host batch (encoded bytes, boxes (B, 4), flips (B,)) -> normalised float32 (B, size, size, 3) on the GPU."""
+def augment_batch(encoded, boxes, flips, *, size: int, mean, std, antialias: bool = False,
+                  device: jax.Device | None = None) -> jax.Array:
+  """A host batch (encoded bytes, boxes (B, 4), flips (B,)) -> normalised float32 (B, size, size, 3), decoded and
+  augmented on `device` (default: the first local one)."""
   scale, offset = normalization.normalization(mean, std)
-  pixels = device_augment.crop_resize_flip(decode(encoded), boxes, flips, size=size, antialias=antialias)
+  pixels = device_augment.crop_resize_flip(decode(encoded, device), boxes, flips, size=size, antialias=antialias)
   return pixels * jnp.asarray(scale) + jnp.asarray(offset)
