@@ -13,12 +13,14 @@ DLPack without a copy through the host, and device_augment crops, resizes, flips
 device decodes its own slice of the batch (input_pipeline._device_decoded_batches), with a decoder of its own.
 
 Known costs, to measure on a GPU: each image is one small dispatch (device_augment.window), and each distinct
-image size compiles that small program once in each process (no dot, so no autotuning; 0.05 s on a 2-core Zen 4's
-CPU backend; too fast to be worth the persistent cache's threshold). The batch's resize is one program. A fixed
-decode shape would remove the per-size programs, but nvImageCodec 0.9 neither decodes into a caller's buffer
-(it reuses only buffers it allocated) nor pads a region that reaches past the image (its CPU decoders reject
-such regions), and its GPU region decode has a reported regression on H100 and A100 (NVIDIA/nvImageCodec#55):
-so whole images are decoded here, and only the window is kept.
+image size compiles that small program once in each process: no dot, so no autotuning; 0.05 s on a 2-core Zen
+4's CPU backend (0.01 s tracing, 0.04 s XLA). A train set with thousands of distinct sizes, as ImageNet's, pays
+minutes of such compiles in its first epoch; they are under the persistent cache's 0.5 s threshold, so a resumed
+run pays them again unless config.compilation_cache_min_compile_secs is 0. The batch's resize is one program. A
+fixed decode shape would remove the per-size programs, but nvImageCodec 0.9 neither decodes into a caller's
+buffer (it reuses only buffers it allocated) nor pads a region that reaches past the image (its CPU decoders
+reject such regions), and its GPU region decode has a reported 0.9 regression (INTERNAL_ERROR on A100, SIGSEGV
+on H100: NVIDIA/nvImageCodec#55): so whole images are decoded here, and only the window is kept.
 
 Install with `pip install 'nvidia-nvimgcodec-cu12[nvjpeg]'` (CUDA 12) or `'nvidia-nvimgcodec-cu13[nvjpeg]'`
 (CUDA 13): without nvJPEG (the extra, or a CUDA toolkit) nvImageCodec registers no GPU JPEG decoder. The decoder
