@@ -93,9 +93,10 @@ def _taps(extent, out_size: int, canvas: int, antialias: bool):
 
 
 def _resize_one(canvas, extent, flip, *, size: int, antialias: bool):
-  pixels = canvas.astype(jnp.float32)
+  """Gathers from the uint8 canvas and converts after: converting the canvas first made XLA:CPU hold a float copy
+  (antialiased, canvas 1200: 16.5 MB of temporaries per image, against 0.06 MB)."""
   rows_at, rows_w = _taps(extent[0], size, canvas.shape[0], antialias)
-  rows = sum(rows_w[:, k, None, None] * pixels[rows_at[:, k]] for k in range(rows_at.shape[1]))
+  rows = sum(rows_w[:, k, None, None] * canvas[rows_at[:, k]] for k in range(rows_at.shape[1]))  # uint8 -> float
   cols_at, cols_w = _taps(extent[1], size, canvas.shape[1], antialias)
   cols_at, cols_w = jnp.where(flip, cols_at[::-1], cols_at), jnp.where(flip, cols_w[::-1], cols_w)
   return sum(cols_w[None, :, k, None] * rows[:, cols_at[:, k]] for k in range(cols_at.shape[1]))
