@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 from conftest import REPO, process_env, require_nvimgcodec
 from resnext_jax import errors
 from resnext_jax import input_pipeline
+from resnext_jax.datasets import dct_scaling
 from resnext_jax.datasets import device_augment
 from resnext_jax.datasets import legacy_transforms
 from resnext_jax.datasets import normalization
@@ -46,6 +47,13 @@ def test_dct_scale_decodes_at_the_smallest_sufficient_size(shorter, size, scale)
   assert min(image.shape[:2]) >= size
   box = transforms.eval_box(encoded, crop_ratio=1.0, min_size=size).numpy()
   assert (box[2] - box[0]) == shorter and box[0] % scale == 0  # snapped to the r-grid, still the whole square
+
+
+def test_the_device_picks_the_hosts_dct_scale():
+  """dct_scaling.dct_scale (plain Python, the device path's) is the rule transforms.dct_scale_index applies as TF
+  ops (the host's)."""
+  for h, w in ((10, 10), (47, 400), (48, 95), (96, 96), (191, 700), (192, 192), (383, 390), (384, 500), (3000, 400)):
+    assert dct_scaling.dct_scale(h, w, 48) == transforms.DCT_SCALES[int(transforms.dct_scale_index(h, w, 48))]
 
 
 @pytest.mark.parametrize("subsampling,mode", [(2, "RGB"), (1, "RGB"), (0, "RGB"), (0, "L")])

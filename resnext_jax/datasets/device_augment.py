@@ -32,23 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DCT_SCALES = (1, 2, 4, 8)  # as transforms.DCT_SCALES (that module needs TensorFlow)
-
-
-def decode_min_size(size: int, antialias: bool) -> int:
-  """As transforms.decode_min_size: the smallest side the host decodes a window at before resizing it to size."""
-  return 2 * size if antialias else size
+from resnext_jax.datasets.dct_scaling import dct_scale, decode_min_size
 
 
 def canvas_size(size: int, antialias: bool) -> int:
   """The side of the fixed canvas each window is put on: 8/3 * min_size (see the module docstring), to 16 pixels."""
   return -(-8 * decode_min_size(size, antialias) // 48) * 16
-
-
-def dct_scale(h: int, w: int, min_size: int) -> int:
-  """The DCT scale r the host decodes an h x w box at (transforms.dct_scale_index): the largest of 1, 2, 4, 8 with
-  both sides >= r * min_size."""
-  return max(r for r in DCT_SCALES if min(h, w) >= r * min_size or r == 1)
 
 
 def plan(box, size: int, antialias: bool) -> tuple[int, tuple[int, int], tuple[int, int]]:

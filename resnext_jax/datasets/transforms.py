@@ -24,13 +24,13 @@ transforms (full-resolution crop, antialiased float resize, host normalisation) 
 import tensorflow as tf
 
 from resnext_jax.datasets import resize_op
+from resnext_jax.datasets.dct_scaling import DCT_SCALES, decode_min_size
 # The statistics and the normalisation formula live in a module without TensorFlow (the device side needs them).
 from resnext_jax.datasets.normalization import (  # pylint: disable=unused-import
     CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD,
     normalization, normalize_numpy)
 
 AUGMENTATIONS = ("inception", "cifar", "none")
-DCT_SCALES = (1, 2, 4, 8)  # libjpeg's DCT scaling: decode at 1/r
 
 
 def decode(encoded: tf.Tensor) -> tf.Tensor:
@@ -51,13 +51,6 @@ def dct_scale_index(h, w, min_size) -> tf.Tensor:
   for i, r in enumerate(DCT_SCALES[1:], 1):
     k = tf.where(shorter >= r * min_size, i, k)
   return k
-
-
-def decode_min_size(size: int, antialias: bool) -> int:
-  """The smallest side a window may be decoded at before the resize to `size`: size itself for bilinear (the
-  remaining reduction is then under 2x, which bilinear handles), 2 * size with antialiasing (Pillow's
-  `reducing_gap=2`: the DCT's box-like reduction then does at most half of the work, the filter the rest)."""
-  return 2 * size if antialias else size
 
 
 def snap_window(window, shape, r):
