@@ -6,10 +6,12 @@
 #
 # nvImageCodec and nvJPEG must be importable (pip install 'nvidia-nvimgcodec-cu13[nvjpeg]', or -cu12 as JAX's
 # CUDA); on a machine without a package index, WHEELS=DIR installs the wheels in DIR into a scratch folder first.
-# Prints, and writes into OUT_DIR (default /tmp/resnext_jax_gpu_check): the GPU, the decode's agreement with PIL and
-# its images/s (gpu_decode_benchmark.py), then the train step's images/s on a synthetic batch (resnext_jax.benchmark:
-# the figure the input path has to keep up with). A dry run without a GPU: RESNEXT_JAX_DECODE_BACKEND=cpu
-# NUM_IMAGES=8 BATCH_SIZE=4 MODEL=resnext11_4x16d DTYPE=float32 benchmarks/gpu_check.sh
+# Prints, and writes into OUT_DIR (default /tmp/resnext_jax_gpu_check): the GPU; the decode's agreement with PIL,
+# its images/s, and the loop on the device (the train step fed by the decode) against the step alone
+# (gpu_decode_benchmark.py); then the train step on its own (resnext_jax.benchmark: compile time, TFLOP/s, and
+# torchvision's step in the same run where torch is installed). A dry run without a GPU:
+# RESNEXT_JAX_DECODE_BACKEND=cpu NUM_IMAGES=8 BATCH_SIZE=4 MODEL=resnext11_4x16d DTYPE=float32 COMPARE_TORCH=0 \
+#   benchmarks/gpu_check.sh
 set -euo pipefail
 out="${1:-/tmp/resnext_jax_gpu_check}"
 mkdir -p "$out"
@@ -20,7 +22,10 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 batch="${BATCH_SIZE:-256}"
 (nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || echo "no nvidia-smi") | tee "$out/gpu.txt"
+model="${MODEL:-resnext50_32x4d}" dtype="${DTYPE:-bfloat16}" steps="${STEPS:-10}"
 python3 benchmarks/gpu_decode_benchmark.py --num_images "${NUM_IMAGES:-2048}" --batch_size "$batch" \
-  | tee "$out/decode.json"
-python3 -m resnext_jax.benchmark --model "${MODEL:-resnext50_32x4d}" --batch-size "$batch" \
-  --dtype "${DTYPE:-bfloat16}" --steps "${STEPS:-10}" 2>&1 | tail -n 5 | tee "$out/step.txt"
+  --model "$model" --dtype "$dtype" --steps "$steps" | tee "$out/decode.json"
+compare=""  # torchvision's step beside ours where torch is installed (COMPARE_TORCH=0: not)
+if [[ "${COMPARE_TORCH:-1}" == 1 ]] && python3 -c "import torch" 2>/dev/null; then compare=--compare-torch; fi
+python3 -m resnext_jax.benchmark --model "$model" --batch-size "$batch" --dtype "$dtype" --steps "$steps" \
+  $compare 2>&1 | tail -n 5 | tee "$out/step.txt"

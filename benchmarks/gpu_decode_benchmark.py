@@ -5,17 +5,18 @@ Made for a GPU machine that has JAX but no TensorFlow (the host half, tf.data's 
 command says whether the decode is right and fast enough for the step.
 
   pip install 'nvidia-nvimgcodec-cu13[nvjpeg]'        # or -cu12, as JAX's CUDA
-  python benchmarks/gpu_decode_benchmark.py --num_images 2048 --batch_size 256
-  python -m resnext_jax.benchmark --model resnext50_32x4d --batch-size 256 --dtype bfloat16   # the step, to compare
+  python benchmarks/gpu_decode_benchmark.py --num_images 2048 --batch_size 256 --model resnext50_32x4d
 
   RESNEXT_JAX_DECODE_BACKEND=cpu python benchmarks/gpu_decode_benchmark.py --num_images 16 --batch_size 8  # dry run
 
 Reports: agreement with PIL's decode of the same files (nvImageCodec's IDCT may differ by a few grey levels);
 decode-only images/s; decode + augment images/s on the first pass (each distinct image size compiles the small
 per-image window program once: the number of sizes and of programs compiled is printed) and on a second pass
-(compiled); and one JSON line. Crop
-boxes and flips come from torchvision's RandomResizedCrop sampling in numpy: the host path's distribution (TF's own
-sampler needs TensorFlow).
+(compiled). With --model, the loop on the device as well: the job's train step (--config's recipe, --dtype) fed
+by the decode and augmentation, against the step alone on a synthetic batch in the same run (`loop_over_step`,
+the issue's 90% mark but for tf.data's host work). Then one JSON line. Crop boxes and flips come from
+torchvision's RandomResizedCrop sampling in numpy: the host path's distribution (TF's own sampler needs
+TensorFlow).
 """
 
 import argparse
@@ -76,6 +77,12 @@ def main(argv=None) -> dict:
   parser.add_argument("--batch_size", type=int, default=256)
   parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--antialias", action="store_true")
+  parser.add_argument("--model", default="", help="also the loop on the device: this model's train step fed by the "
+                      "decode and augmentation, against the step alone")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+  parser.add_argument("--config", default="imagenet_resnext50", help="the step's recipe (resnext_jax.benchmark)")
+  parser.add_argument("--steps", type=int, default=10, help="timed steps on the synthetic batch")
+  parser.add_argument("--loop_passes", type=int, default=2, help="timed passes of the loop over the images")
   args = parser.parse_args(argv)
   gpu_decode.check_device()
 
@@ -102,8 +109,42 @@ def main(argv=None) -> dict:
   result["programs_compiled"] = {name: getattr(device_augment, name)._cache_size()  # pylint: disable=protected-access
                                  for name in ("window", "resize_windows")}
   result["augment_images_per_s"] = round(images_per_s(augment, batches), 1)
+  if args.model:
+    result.update(loop_against_step(args, batches, augment))
   print(json.dumps(result))
   return result
+
+
+def loop_against_step(args, batches, augment) -> dict:
+  """The job's train step alone (its synthetic batch), then the loop on the device: each batch decoded,
+  augmented and fed to the step, over `--loop_passes` passes (the window programs already compiled). Their ratio
+  is the full loop's share of the step's images/s, but for tf.data's host work (reading records, JPEG headers,
+  boxes), which this machine may lack TensorFlow to run. One device."""
+  from resnext_jax import benchmark  # pylint: disable=import-outside-toplevel
+  step_args = benchmark.parse_args(["--model", args.model, "--batch-size", str(args.batch_size), "--image-size",
+                                    str(args.image_size), "--dtype", args.dtype, "--config", args.config])
+  compiled, state, synthetic, compile_seconds = benchmark.compiled_step(step_args)
+
+  def steps(state, feeds):  # -> (state, images/s): the step on each batch `feeds` yields, dispatched ahead
+    count, start = 0, time.perf_counter()
+    for batch in feeds:
+      state, metrics = compiled(state, batch)
+      count += args.batch_size
+    jax.block_until_ready(metrics)
+    return state, count / (time.perf_counter() - start)
+
+  def decoded(passes):
+    for _ in range(passes):
+      for batch in batches:
+        yield dict(synthetic, image=jax.device_put(augment(batch), synthetic["image"].sharding))
+
+  state, _ = steps(state, [synthetic])  # warm-up
+  state, step_per_s = steps(state, [synthetic] * args.steps)
+  state, _ = steps(state, decoded(1))
+  _, loop_per_s = steps(state, decoded(args.loop_passes))
+  return {"model": args.model, "dtype": args.dtype, "step_compile_seconds": round(compile_seconds, 1),
+          "step_images_per_s": round(step_per_s, 1), "loop_images_per_s": round(loop_per_s, 1),
+          "loop_over_step": round(loop_per_s / step_per_s, 3)}
 
 
 if __name__ == "__main__":

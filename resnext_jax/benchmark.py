@@ -104,9 +104,10 @@ def time_steps(run, state, steps):
   return min(times)
 
 
-def benchmark_jax(args):
-  """(images/s, compile seconds) of train.compile_train_step or evaluate.compile_eval_step, as the training job
-  builds them."""
+def compiled_step(args):
+  """(compiled step, state, synthetic batch sharded on the mesh, compile seconds): train.compile_train_step or
+  evaluate.compile_eval_step as the training job builds them, compiled ahead of time for args' model, batch,
+  image size, dtype and recipe. For eval, the state is the variables and the step returns only outputs."""
   from resnext_jax import evaluate, optim, runtime, train  # pylint: disable=g-import-not-at-top (JAX; no torch)
 
   config = load_config(args.config, args)
@@ -129,7 +130,12 @@ def benchmark_jax(args):
     state = {"params": state.params, "batch_stats": state.batch_stats}
   start = time.perf_counter()
   compiled = cpu.autotune.measure_layers(lambda: step.trace(state, batch)).lower().compile()
-  compile_seconds = time.perf_counter() - start
+  return compiled, state, batch, time.perf_counter() - start
+
+
+def benchmark_jax(args):
+  """(images/s, compile seconds) of the compiled step (compiled_step) on its synthetic batch."""
+  compiled, state, batch, compile_seconds = compiled_step(args)
   if args.mode == "train":
     run = lambda s: compiled(s, batch)
   else:

@@ -315,16 +315,20 @@ def test_decode_on_device_names_what_it_cannot_decode(monkeypatch):
 
 
 def test_gpu_decode_benchmark_dry_run_with_the_cpu_backend(monkeypatch):
-  """The device check made for GPU machines without TensorFlow runs end to end (here on nvImageCodec's CPU)."""
+  """The device check made for GPU machines without TensorFlow runs end to end (here on nvImageCodec's CPU),
+  the train step fed by the decode included."""
   require_nvimgcodec()
   monkeypatch.setenv("RESNEXT_JAX_DECODE_BACKEND", "cpu")
   sys.path.insert(0, os.path.join(REPO, "benchmarks"))
   import gpu_decode_benchmark  # pylint: disable=import-outside-toplevel
-  result = gpu_decode_benchmark.main(["--num_images=6", "--batch_size=3", "--image_size=32"])
+  result = gpu_decode_benchmark.main(["--num_images=6", "--batch_size=3", "--image_size=32", "--model",
+                                      "resnext11_4x16d", "--dtype=float32", "--config=cifar10_resnext29_8x64d",
+                                      "--steps=1", "--loop_passes=1"])
   assert result["backend"] == "cpu" and result["num_images"] == 6 and result["distinct_sizes"] >= 2
   assert result["programs_compiled"]["resize_windows"] >= 1
   assert result["max_abs_diff_vs_pil"] <= 8 and result["mean_abs_diff_vs_pil"] < 1.0  # IDCTs differ slightly
   assert result["decode_images_per_s"] > 0 and result["augment_images_per_s"] > 0
+  assert result["step_images_per_s"] > 0 and result["loop_images_per_s"] > 0  # the train step, fed by the decode
 
 
 def _image_folder(root, sizes):
