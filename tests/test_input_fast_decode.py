@@ -275,7 +275,8 @@ for host, device in zip(batches[False], batches[True]):
   diff = np.abs(np.asarray(host["image"]) - np.asarray(device["image"])) / scale
   print("diff", diff.mean(), np.percentile(diff, 99))
 image = batches[True][0]["image"]
-print("shards", sorted(s.device.id for s in image.addressable_shards), image.sharding.spec == jax.sharding.PartitionSpec("data"))
+print("shards", sorted(s.device.id for s in image.addressable_shards),
+      image.sharding.spec == jax.sharding.PartitionSpec("data"))
 print("resize programs", device_augment.resize_windows._cache_size())
 """
 
