@@ -13,6 +13,11 @@ machine. The last line is one JSON object.
   python benchmarks/input_pipeline_benchmark.py --threads=1 --legacy   # and the previous ones, same run
   python benchmarks/input_pipeline_benchmark.py --threads=2 --grain    # and grain (worker processes + PIL)
   python benchmarks/input_pipeline_benchmark.py --pre_resize=320       # images stored with shorter side <= 320
+  python benchmarks/input_pipeline_benchmark.py --device_decode_host   # decode_on_device's host half too
+
+--device_decode_host times what the host still does per image when config.decode_on_device decodes on the GPU
+(tf.data's records, the JPEG header, the Inception box and flip; the bytes go to the device): how many host cores
+a GPU's decode needs.
 
 --grain needs `pip install grain`: it reads the same images from TFDS's array_record files
 (`builder.as_data_source`) with --threads worker processes, each running a PIL transform (header -> crop window,
@@ -118,6 +123,10 @@ def tf_data_pipelines(args, data_dir) -> dict:
       for _ in ds.take(args.num_images // args.batch_size + 1):
         pass  # fill the cache
       pipelines[name] = ds.as_numpy_iterator()
+    if kind == "fast" and args.device_decode_host:
+      encoded = tf_pipeline.train_dataset(source, config, start_step=0, process_index=0, process_count=1,
+                                          encoded=True)
+      pipelines["train_device_host"] = encoded.with_options(options).as_numpy_iterator()
   return pipelines
 
 
@@ -201,6 +210,8 @@ def main(argv=None):
   parser.add_argument("--legacy", action="store_true", help="also time the previous transforms (legacy_transforms)")
   parser.add_argument("--grain", action="store_true", help="also time grain + PIL (pip install grain)")
   parser.add_argument("--antialias", action="store_true", help="config.antialias: PIL's triangle filter")
+  parser.add_argument("--device_decode_host", action="store_true",
+                      help="also time config.decode_on_device's host half (records, header, box, flip)")
   parser.add_argument("--pre_resize", type=int, default=0,
                       help="config.pre_resize for the new pipeline: stored shorter side <= N (legacy: originals)")
   parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR,
