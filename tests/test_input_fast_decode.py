@@ -45,8 +45,9 @@ def test_dct_scale_decodes_at_the_smallest_sufficient_size(shorter, size, scale)
   image = transforms.decode_window(encoded, transforms.center_window(1.0), size)
   assert image.dtype == tf.uint8 and min(image.shape[:2]) == -(-shorter // scale)
   assert min(image.shape[:2]) >= size
-  box = transforms.eval_box(encoded, crop_ratio=1.0, min_size=size).numpy()
-  assert (box[2] - box[0]) == shorter and box[0] % scale == 0  # snapped to the r-grid, still the whole square
+  # The device's window for the same box: the host's, snapped to the same r-grid, still the whole square.
+  r, _, extent = device_augment.plan(transforms.eval_box(encoded, crop_ratio=1.0).numpy(), size, False)
+  assert (r, extent) == (scale, tuple(image.shape[:2]))
 
 
 def test_the_device_picks_the_hosts_dct_scale():
@@ -54,6 +55,16 @@ def test_the_device_picks_the_hosts_dct_scale():
   ops (the host's)."""
   for h, w in ((10, 10), (47, 400), (48, 95), (96, 96), (191, 700), (192, 192), (383, 390), (384, 500), (3000, 400)):
     assert dct_scaling.dct_scale(h, w, 48) == transforms.DCT_SCALES[int(transforms.dct_scale_index(h, w, 48))]
+
+
+def test_the_device_plans_a_window_at_the_hosts_dct_scale_near_a_threshold():
+  """A window 894 rows high (1/2 at min_size 224) grows to 896 when snapped to the 1/2 grid, where 1/4 would
+  start: the device picks r from the window's own sides, as the host's decode does, not from the snapped box."""
+  encoded = tf.constant(synthetic_jpegs.encode_jpeg(_photo(1200, 1600)))
+  window = (179, 631, 894, 942)
+  image = transforms.decode_window(encoded, lambda shape: tuple(tf.constant(v) for v in window), 224)
+  r, _, extent = device_augment.plan(transforms.crop_box(window).numpy(), 224, False)  # the box train_box sends
+  assert (r, extent) == (2, tuple(image.shape[:2])) == (2, (448, 472))
 
 
 @pytest.mark.parametrize("subsampling,mode", [(2, "RGB"), (1, "RGB"), (0, "RGB"), (0, "L")])
@@ -124,7 +135,7 @@ def test_device_augment_matches_the_host_path(antialias):
     host = np.stack([transforms.train_pixels(tf.constant(encoded), seed, augment="inception", size=size,
                                              crop_ratio=0.875, antialias=antialias).numpy() for seed in seeds])
     min_size = transforms.decode_min_size(size, antialias)
-    boxes, flips = zip(*[transforms.train_box(tf.constant(encoded), seed, min_size=min_size) for seed in seeds])
+    boxes, flips = zip(*[transforms.train_box(tf.constant(encoded), seed) for seed in seeds])
     boxes, flips = np.stack(boxes), np.stack(flips)
     device = device_augment.crop_resize_flip(jnp.asarray(np.repeat(full[None], len(seeds), 0)), jnp.asarray(boxes),
                                              jnp.asarray(flips), size=size, antialias=antialias)

@@ -88,11 +88,9 @@ def train_dataset(source: sources.Source, config, *, start_step: int, process_in
     raise ConfigError(f"config.decode_on_device=True supports the Inception crop (imagenet2012, imagefolder), "
                       f"not augment={source.augment!r}.")
 
-  decode_min_size = transforms.decode_min_size(config.image_size, antialias(config))
-
   def to_example(seed, ex):
-    if encoded:  # the device decodes: the bytes, and the crop and flip the host would take, its DCT scale's box
-      box, flip = transforms.train_box(ex["image"], seed, min_size=decode_min_size)
+    if encoded:  # the device decodes: the bytes, and the crop and flip the host would take
+      box, flip = transforms.train_box(ex["image"], seed)
       out = {"encoded": ex["image"], "box": box, "flip": flip}
     elif "pixels" in ex:  # decoded once, when the split was cached
       out = {"image": transform(None, seed, pixels=ex["pixels"])}

@@ -63,22 +63,18 @@ def snap_window(window, shape, r):
   return ys, xs, ye - ys, xe - xs
 
 
-def crop_box(shape, window, min_size=None) -> tf.Tensor:
-  """The region (y0, x0, y1, x1) of the original image, in its pixels, that decode_window(..., min_size) returns
-  for this window (the window snapped to the DCT scale's grid): what a device-side resize must crop to match."""
-  if min_size is None:
-    y, x, h, w = window
-    return tf.stack([y, x, y + h, x + w])
-  r = tf.gather(DCT_SCALES, dct_scale_index(window[2], window[3], min_size))
-  ys, xs, hs, ws = snap_window(window, shape, r)
-  return tf.stack([ys * r, xs * r, tf.minimum((ys + hs) * r, shape[0]), tf.minimum((xs + ws) * r, shape[1])])
+def crop_box(window) -> tf.Tensor:
+  """The window [y, x, h, w] as a box (y0, x0, y1, x1) in the original image's pixels. The device path snaps it to
+  the DCT scale's grid itself (device_augment.plan), from these exact sides, as decode_window does."""
+  y, x, h, w = window
+  return tf.stack([y, x, y + h, x + w])
 
 
 def decode_window(encoded: tf.Tensor, window_fn, min_size: int | None = None) -> tf.Tensor:
   """uint8 pixels of the window [y, x, h, w] = window_fn(shape (H, W, C)).
 
   JPEGs decode only the window; with `min_size`, at the smallest DCT scale 1/r that keeps both its sides at least
-  min_size (then h/r x w/r pixels of the window snapped to the r-grid, see `crop_box`). Other formats decode
+  min_size (then h/r x w/r pixels of the window snapped to the r-grid, see `snap_window`). Other formats decode
   whole, at full scale. The transforms resize `decode_window_columns`' pixels instead, in place.
   """
   pixels, columns = decode_window_columns(encoded, window_fn, min_size)
@@ -258,20 +254,18 @@ def erase_key(seed) -> tf.Tensor:
   return tf.bitcast(bits, tf.uint32)
 
 
-def train_box(encoded, seed, *, min_size: int | None = None):
+def train_box(encoded, seed):
   """(box int32 [y0, x0, y1, x1] in the original image's pixels, flip bool) of the Inception crop train_pixels
-  takes for this seed, from the JPEG header alone: what a device-side decode and resize needs (min_size=None: the
-  exact window; decode_min_size(size, antialias): snapped to the DCT grid as the host decode does)."""
+  takes for this seed, from the JPEG header alone: what a device-side decode and resize needs."""
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
   shape = image_shape(encoded)
-  return crop_box(shape, inception_window(crop_seed)(shape), min_size), flip_decision(flip_seed)
+  return crop_box(inception_window(crop_seed)(shape)), flip_decision(flip_seed)
 
 
-def eval_box(encoded, *, crop_ratio: float | None, min_size: int | None = None):
+def eval_box(encoded, *, crop_ratio: float | None):
   """The region eval_pixels resizes, as train_box (no flip)."""
   shape = image_shape(encoded)
-  window_fn = full_window if crop_ratio is None else center_window(crop_ratio)
-  return crop_box(shape, window_fn(shape), min_size)
+  return crop_box((full_window if crop_ratio is None else center_window(crop_ratio))(shape))
 
 
 def eval_pixels(encoded, *, size: int, crop_ratio: float | None, antialias: bool = False) -> tf.Tensor:
