@@ -39,12 +39,6 @@ from resnext_jax.datasets import normalization  # pylint: disable=wrong-import-p
 from resnext_jax.datasets import synthetic_jpegs  # pylint: disable=wrong-import-position
 
 
-def imagenet_like_jpegs(num_images: int, seed: int = 0) -> list[bytes]:
-  rng = np.random.default_rng(seed)
-  return [synthetic_jpegs.encode_jpeg(synthetic_jpegs.photo_like(rng, *synthetic_jpegs.imagenet_size(rng)))
-          for _ in range(num_images)]
-
-
 def header_sizes(jpegs: list[bytes]) -> list[tuple[int, int]]:
   from PIL import Image  # pylint: disable=import-outside-toplevel
   return [Image.open(io.BytesIO(data)).size[::-1] for data in jpegs]
@@ -86,7 +80,8 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   gpu_decode.check_device()
 
-  jpegs = imagenet_like_jpegs(args.num_images)
+  jpeg_rng = np.random.default_rng(0)
+  jpegs = [synthetic_jpegs.imagenet_like_jpeg(jpeg_rng) for _ in range(args.num_images)]
   sizes = header_sizes(jpegs)
   rng = np.random.default_rng(1)
   boxes = np.array([synthetic_jpegs.inception_box(rng, h, w) for h, w in sizes], np.int32)

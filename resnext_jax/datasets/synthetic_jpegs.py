@@ -80,6 +80,11 @@ def encode_jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
   return buffer.getvalue()
 
 
+def imagenet_like_jpeg(rng: np.random.Generator, quality: int = 90) -> bytes:
+  """One JPEG of an ImageNet-like size (imagenet_size) and content (photo_like)."""
+  return encode_jpeg(photo_like(rng, *imagenet_size(rng)), quality)
+
+
 def write_image_folder(root: str, num_images: int, *, num_classes: int = 10, splits=("train",), seed: int = 0,
                        quality: int = 90) -> dict:
   """Writes root/<split>/class<k>/<i>.jpg for each split (num_images each) unless root/synthetic_jpegs.json says
@@ -97,7 +102,7 @@ def write_image_folder(root: str, num_images: int, *, num_classes: int = 10, spl
       label = f"class{i % num_classes}"
       os.makedirs(os.path.join(root, split, label), exist_ok=True)
       with open(os.path.join(root, split, label, f"{i:06d}.jpg"), "wb") as f:
-        f.write(encode_jpeg(photo_like(rng, *imagenet_size(rng)), quality))
+        f.write(imagenet_like_jpeg(rng, quality))
   stats = describe(root)
   with open(stamp, "w") as f:
     json.dump({"spec": spec, "stats": stats}, f)
