@@ -243,7 +243,7 @@ def test_decode_on_device_runs_the_whole_pipeline_with_nvimgcodecs_cpu_backend(t
   GPU one: the same batches as the host path, but for decoders' rounding and the DCT-scale approximation."""
   require_nvimgcodec()
   monkeypatch.setenv("RESNEXT_JAX_DECODE_BACKEND", "cpu")
-  _image_folder(str(tmp_path), [(300, 200), (90, 120), (260, 400), (100, 100), (375, 500), (64, 64)])
+  write_image_folder(str(tmp_path), [(300, 200), (90, 120), (260, 400), (100, 100), (375, 500), (64, 64)])
   config = default.get_config()
   config.update(dataset="imagefolder", data_dir=str(tmp_path), eval_split="train", image_size=48, batch_size=6,
                 shuffle_buffer_size=16)
@@ -298,8 +298,7 @@ def test_decode_on_device_decodes_each_devices_slice_on_that_device(tmp_path):
   device with one real image and one padding, devices with padding only), random erasing too (each slice with its
   examples' keys); the batches equal the host path's."""
   require_nvimgcodec()
-  sizes = [(300, 200), (90, 120), (260, 400), (100, 100), (375, 500), (64, 64), (120, 90), (200, 150), (77, 99)]
-  _image_folder(str(tmp_path), sizes)
+  write_image_folder(str(tmp_path), NINE_SIZES)
   result = subprocess.run([sys.executable, "-c", _FOUR_DEVICES, str(tmp_path)], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env=process_env(4, RESNEXT_JAX_DECODE_BACKEND="cpu"))
   assert result.returncode == 0, result.stderr[-3000:]
@@ -343,7 +342,13 @@ def test_gpu_decode_benchmark_dry_run_with_the_cpu_backend(monkeypatch):
   assert result["step_images_per_s"] > 0 and result["loop_images_per_s"] > 0  # the train step, fed by the decode
 
 
-def _image_folder(root, sizes):
+# An image folder of 9 sizes: with 4 devices and a batch of 8, its eval padding leaves one device a real image and
+# a padded one, others padding only (here and in test_input_multiprocess.py).
+NINE_SIZES = [(300, 200), (90, 120), (260, 400), (100, 100), (375, 500), (64, 64), (120, 90), (200, 150), (77, 99)]
+
+
+def write_image_folder(root, sizes):
+  """root/train/c{0,1}/{i}.jpg: photo-like JPEGs of these sizes, alternating between two labels."""
   for i, (h, w) in enumerate(sizes):
     label = f"c{i % 2}"
     os.makedirs(os.path.join(root, "train", label), exist_ok=True)
@@ -353,7 +358,7 @@ def _image_folder(root, sizes):
 
 def test_pre_resize_stores_smaller_images_and_trains(tmp_path):
   sizes = [(300, 200), (90, 120), (260, 400), (100, 100)]
-  _image_folder(str(tmp_path), sizes)
+  write_image_folder(str(tmp_path), sizes)
   config = default.get_config()
   config.update(dataset="imagefolder", data_dir=str(tmp_path), eval_split="train", image_size=32, batch_size=4,
                 eval_batch_size=4, shuffle_buffer_size=16, pre_resize=96)
@@ -368,7 +373,7 @@ def test_pre_resize_stores_smaller_images_and_trains(tmp_path):
 
 
 def test_legacy_transforms_still_run(tmp_path):
-  _image_folder(str(tmp_path), [(60, 80)] * 4)
+  write_image_folder(str(tmp_path), [(60, 80)] * 4)
   config = default.get_config()
   config.update(dataset="imagefolder", data_dir=str(tmp_path), eval_split="train", image_size=24, batch_size=4,
                 eval_batch_size=4, shuffle_buffer_size=16)

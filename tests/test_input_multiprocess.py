@@ -1,14 +1,12 @@
 """Two real JAX processes (jax.distributed on CPU, 2 fake devices each) reading the digits together, and
 decoding JPEGs on their devices (config.decode_on_device, nvImageCodec's CPU backend)."""
 
-import os
 import subprocess
 import sys
 import textwrap
 
-import numpy as np
-
 from conftest import communicate_all, free_port, process_env, require_nvimgcodec
+from test_input_fast_decode import NINE_SIZES, write_image_folder
 from test_input_pipeline import NUM_TEST, REPO, data_dir  # pylint: disable=unused-import (data_dir is a fixture)
 
 _PROCESS = textwrap.dedent("""
@@ -74,13 +72,7 @@ def test_two_processes_decode_on_device(tmp_path):
   """config.decode_on_device with two processes of two devices (nvImageCodec's CPU backend standing in for the
   GPU): each process decodes its own devices' slices, which give its part of the host path's batches."""
   require_nvimgcodec()
-  from resnext_jax.datasets import synthetic_jpegs  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(0)
-  for i, (h, w) in enumerate([(300, 200), (90, 120), (260, 400), (100, 100), (375, 500), (64, 64), (120, 90),
-                              (200, 150), (77, 99)]):
-    os.makedirs(tmp_path / "train" / f"c{i % 2}", exist_ok=True)
-    (tmp_path / "train" / f"c{i % 2}" / f"{i}.jpg").write_bytes(
-        synthetic_jpegs.encode_jpeg(synthetic_jpegs.photo_like(rng, h, w)))
+  write_image_folder(str(tmp_path), NINE_SIZES)
   port = free_port()
   procs = [subprocess.Popen([sys.executable, "-c", _DECODE_ON_DEVICE, str(tmp_path), str(port), str(i)],
                             env=process_env(2, RESNEXT_JAX_DECODE_BACKEND="cpu"), cwd=REPO, stdout=subprocess.PIPE,
