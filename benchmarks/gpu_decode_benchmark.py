@@ -10,9 +10,9 @@ command says whether the decode is right and fast enough for the step.
   RESNEXT_JAX_DECODE_BACKEND=cpu python benchmarks/gpu_decode_benchmark.py --num_images 16 --batch_size 8  # dry run
 
 Reports: agreement with PIL's decode of the same files (nvImageCodec's IDCT may differ by a few grey levels);
-decode-only images/s; decode + augment images/s on the first pass (each distinct image size compiles the small
-per-image window program once: the number of sizes and of programs compiled is printed) and on a second pass
-(compiled). With --model, the loop on the device as well: the job's train step (--config's recipe, --dtype) fed
+decode-only images/s; decode + augment images/s on the first pass (the small per-image window program compiles
+once per pooled buffer size and DCT scale: the number of image sizes and of programs compiled is printed) and on
+a second pass (compiled). With --model, the loop on the device as well: the job's train step (--config's recipe, --dtype) fed
 by the decode and augmentation, against the step alone on a synthetic batch in the same run (`loop_over_step`,
 the issue's 90% mark but for tf.data's host work). Then one JSON line. Crop boxes and flips come from
 torchvision's RandomResizedCrop sampling in numpy: the host path's distribution (TF's own sampler needs
@@ -49,7 +49,7 @@ def agreement_with_pil(jpegs: list[bytes]) -> dict:
   diffs = []
   for data, image in zip(jpegs, gpu_decode.decode(jpegs)):
     reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.int16)
-    got = np.asarray(image, np.int16)
+    got = np.asarray(image.pixels(), np.int16)
     if got.shape != reference.shape:
       raise AssertionError(f"decoded shape {got.shape}, PIL's {reference.shape}")
     diffs.append(np.abs(got - reference))

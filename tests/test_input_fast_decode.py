@@ -215,11 +215,57 @@ def test_device_plan_puts_the_hosts_window_on_the_canvas():
   assert device_augment.plan((0, 0, 40, 300), size, False) == (4, (0, 0), (10, 75))  # 1/1, 1/2 too wide
   assert device_augment.plan((0, 0, 800, 900), size, False) == (16, (0, 0), (50, 57))  # past 1/8
   image = np.random.default_rng(0).integers(0, 256, (9, 6, 1), np.uint8)
-  window = np.asarray(device_augment.window(image, (1, 1), r=2, canvas=8))
+  window = np.asarray(device_augment.window(image, np.array([9, 6, 6, 1, 1]), r=2, canvas=8, channels=1))
   padded = np.pad(image, ((0, 1), (0, 0), (0, 0)), mode="edge").astype(np.float32)
   means = padded.reshape(5, 2, 3, 2, 1).mean(axis=(1, 3))
   np.testing.assert_array_equal(window[:4, :2], np.round(means[1:, 1:]).astype(np.uint8))
   assert not window[4:].any() and not window[:, 2:].any()  # zero past the image
+
+
+@pytest.mark.parametrize("r", [1, 2, 4])
+def test_device_window_reads_an_image_inside_a_larger_buffer(r):
+  """An image stored row by row in a larger buffer (rows padded, bytes past it) gives the window it gives alone:
+  only its own pixels are read, whatever the buffer's shape."""
+  rng = np.random.default_rng(r)
+  image = rng.integers(0, 256, (37, 29, 3), np.uint8)
+  buffer = rng.integers(0, 256, (64, 128), np.uint8)  # pitch 100 > 29 * 3, junk around the image
+  buffer.reshape(-1)[:37 * 100].reshape(37, 100)[:, :87] = image.reshape(37, 87)
+  decoded = device_augment.Decoded(jnp.asarray(buffer), 37, 29, 100)
+  np.testing.assert_array_equal(decoded.pixels(), image)
+  for origin in ((0, 0), (3, 2), (-(-37 // r) - 1, -(-29 // r) - 1)):
+    alone = device_augment.window(image, np.array([37, 29, 87, *origin]), r=r, canvas=24, channels=3)
+    inside = device_augment.window(decoded.buffer, np.array([37, 29, 100, *origin]), r=r, canvas=24, channels=3)
+    np.testing.assert_array_equal(inside, alone)
+    assert alone.any() and not np.asarray(alone)[-(-37 // r) - origin[0]:].any()  # zero past the image
+
+
+def test_gpu_decode_puts_images_of_every_size_in_a_few_buffer_shapes(monkeypatch):
+  """Decoded images share a few fixed buffer shapes, so the window programs compile per buffer size and scale, not
+  per image size; the crops equal those of the images alone. A buffer returns to its pool once JAX has released
+  it; an image too large for any buffer gets its own."""
+  require_nvimgcodec()
+  from resnext_jax.datasets import gpu_decode  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("RESNEXT_JAX_DECODE_BACKEND", "cpu")
+  rng = np.random.default_rng(5)
+  sizes = [(int(rng.integers(40, 400)), int(rng.integers(40, 400))) for _ in range(12)] + [(2400, 2400)]
+  jpegs = [synthetic_jpegs.encode_jpeg(_photo(*size, seed=i)) for i, size in enumerate(sizes)]
+  boxes = np.array([[0, 0, h, w] for h, w in sizes])
+  flips = rng.uniform(size=len(sizes)) < 0.5
+  windows = device_augment.window._cache_size()
+  decoded = gpu_decode.decode(jpegs)
+  assert len({d.buffer.shape for d in decoded}) == 2  # one 1 MiB shape for the twelve, the large image's own
+  assert decoded[-1].buffer.shape[0] == 2400
+  got = device_augment.crop_resize_flip(decoded, boxes, flips, size=32)
+  programs = {(d.buffer.shape, device_augment.plan(box, 32, False)[0]) for d, box in zip(decoded, boxes)}
+  assert device_augment.window._cache_size() - windows == len(programs) <= 5  # per buffer shape and scale
+  want = device_augment.crop_resize_flip([d.pixels() for d in decoded], boxes, flips, size=32)
+  np.testing.assert_array_equal(got, want)
+  pool = gpu_decode._free_buffers("cpu", jax.devices()[0].id)  # pylint: disable=protected-access
+  free = len(pool[gpu_decode.BUFFER_BYTES[0]])
+  del decoded, got
+  assert len(pool[gpu_decode.BUFFER_BYTES[0]]) == free + 12  # released by JAX: back in the pool
+  again = gpu_decode.decode(jpegs[:12])
+  assert len(pool[gpu_decode.BUFFER_BYTES[0]]) == free and len({d.buffer.shape for d in again}) == 1
 
 
 def test_gpu_decode_says_what_to_install():
@@ -316,9 +362,10 @@ def test_decode_on_device_names_what_it_cannot_decode(monkeypatch):
   monkeypatch.setenv("RESNEXT_JAX_DECODE_BACKEND", "cpu")
   good = synthetic_jpegs.encode_jpeg(_photo(40, 30))
   images = gpu_decode.decode([good])
-  assert images[0].shape == (40, 30, 3) and images[0].dtype == jnp.uint8
-  np.testing.assert_allclose(np.asarray(images[0], np.float32), tf.io.decode_jpeg(good).numpy(), atol=8)
-  with pytest.raises(errors.DataError, match="could not decode image 1 of the batch"):
+  pixels = images[0].pixels()
+  assert pixels.shape == (40, 30, 3) and pixels.dtype == jnp.uint8
+  np.testing.assert_allclose(np.asarray(pixels, np.float32), tf.io.decode_jpeg(good).numpy(), atol=8)
+  with pytest.raises(errors.DataError, match="could not read image 1 of the batch"):
     gpu_decode.decode([good, b"not an image"])
   monkeypatch.setenv("RESNEXT_JAX_DECODE_BACKEND", "tpu")
   with pytest.raises(errors.ConfigError, match="RESNEXT_JAX_DECODE_BACKEND='tpu'"):

@@ -10,16 +10,20 @@ the device, which decodes at full size, averages r x r blocks first: what the sc
 enough (a few grey levels apart). So for the same boxes and flips the result equals the host path's
 `train_pixels` before its rounding to uint8 where r = 1 (tests/test_input_fast_decode.py).
 
-Two programs, because decoded images come in as many shapes as the dataset has image sizes, and XLA compiles
-one program per input shape:
+Two programs, because decoded images come in as many shapes as the dataset has image sizes (ImageNet-like
+sizes, synthetic_jpegs: 32,741 distinct in 200,000 draws), and XLA compiles one program per input shape:
 - `window`, per image: the box's window of the image at 1/r, into a fixed canvas (canvas_size x canvas_size,
-  zero beyond the window). The only program compiled per image size (and r): pads, block means and a slice, no
-  dot, so nothing for XLA's GPU autotuner to time. On a 2-core Zen 4's CPU it compiles in 0.05 s where the
-  previous design's per-image resize took 0.36 s.
+  zero beyond the window). It gathers the canvas's pixels by their flat index in the buffer the image was
+  decoded into (`Decoded`: height, width and row pitch are arguments, not shapes), so it compiles per buffer
+  shape and r: gpu_decode decodes into buffers of five sizes. No dot, so nothing for XLA's GPU autotuner to
+  time. On a 2-core Zen 4's CPU it compiles in 0.06-0.08 s and runs in 0.7 ms at r = 1 (a 1 MiB buffer, canvas
+  608); at r = 2, 4 and 8 it reads the canvas's r x r blocks whatever the box: 17, 53 and 258 ms there (2.8% of
+  ImageNet-like train boxes take r = 2, 0.7% r = 4, 0.0015% r = 8). The design before it sliced the image's own
+  shape, 0.3 ms at r = 1, but compiled once per image size: a first pass over 168 sizes ran at 29-30 images/s
+  against 148 with this one (gpu_decode_benchmark, CPU backend).
 - `resize_windows`, once per batch shape: the windows' resize and flip, vmapped over the batch. Each output pixel
   reads only its filter's taps (gathers, K per axis), not a dense (size x canvas) matrix: its work does not grow
-  with the canvas. Window and resize take 0.15 + 0.67 ms per 375 x 500 image on that CPU, where the per-image
-  resize took 3.7 ms.
+  with the canvas. It takes 0.67 ms per image on that CPU, where a per-image dense resize took 3.7 ms.
 The canvas holds any window the host path would decode: the host picks r so that the box's shorter side is under
 2 * min_size at 1/r (for r < 8), and Inception boxes have aspect ratios within 3:4..4:3, so both sides fit in
 8/3 * min_size. A box that does not fit (a whole-image fallback crop of a panorama, a box 8x min_size at 1/8) is
@@ -27,6 +31,7 @@ averaged at the next power of two that fits: a smoother input than the host's, f
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,18 +58,53 @@ def plan(box, size: int, antialias: bool) -> tuple[int, tuple[int, int], tuple[i
   return r, origin, (-(-y1 // r) - origin[0], -(-x1 // r) - origin[1])
 
 
-@functools.partial(jax.jit, static_argnames=("r", "canvas"))
-def window(image: jax.Array, origin, *, r: int, canvas: int) -> jax.Array:
-  """uint8 (H, W, C) image -> uint8 (canvas, canvas, C): its 1/r version (r x r block means, rounded; a partial
-  block at the bottom or right edge repeats the edge, as JPEG encoders pad) from `origin` on, zero past its edge."""
-  h, w, channels = image.shape
+class Decoded(NamedTuple):
+  """A decoded image inside a buffer of any shape: its pixel (y, x, c) is the buffer's flat element
+  y * pitch + x * channels + c. `window` compiles for the buffer's shape, not the image's: gpu_decode decodes into
+  buffers of a few fixed sizes, so that images of every size share a handful of programs."""
+  buffer: jax.Array
+  height: int
+  width: int
+  pitch: int
+  channels: int = 3
+
+  @classmethod
+  def of(cls, image) -> "Decoded":
+    """An (H, W, C) array as a Decoded (its buffer is its own shape: one window program per image size)."""
+    if isinstance(image, cls):
+      return image
+    h, w, channels = image.shape
+    return cls(image, h, w, w * channels, channels)
+
+  def pixels(self) -> jax.Array:
+    """The (height, width, channels) image (for checks: a program per image size)."""
+    rows = self.buffer.reshape(-1)[:self.height * self.pitch]
+    if rows.shape[0] < self.height * self.pitch:  # a buffer that ends with the last row's last pixel
+      rows = jnp.pad(rows, (0, self.height * self.pitch - rows.shape[0]))
+    return rows.reshape(self.height, self.pitch)[:, :self.width * self.channels].reshape(
+        self.height, self.width, self.channels)
+
+
+@functools.partial(jax.jit, static_argnames=("r", "canvas", "channels"))
+def window(buffer: jax.Array, geometry, *, r: int, canvas: int, channels: int) -> jax.Array:
+  """A decoded image's 1/r version (r x r block means, rounded; a partial block at the bottom or right edge repeats
+  the edge, as JPEG encoders pad) from an origin on, zero past its edge -> uint8 (canvas, canvas, channels).
+
+  buffer: uint8, any shape, holding the image as Decoded says; geometry: int32 (height, width, pitch, origin row,
+  origin column) in 1/r pixels for the origin, dynamic. Gathers the canvas's pixels (each block's r x r) by their
+  flat index, so the program depends on the buffer's shape, r and the canvas only."""
+  flat = buffer.reshape(-1)
+  height, width, pitch = geometry[0], geometry[1], geometry[2]
+  blocks_y, blocks_x = geometry[3] + jnp.arange(canvas), geometry[4] + jnp.arange(canvas)
+  rows = jnp.minimum((blocks_y[:, None] * r + jnp.arange(r)).reshape(-1), height - 1)
+  cols = jnp.minimum((blocks_x[:, None] * r + jnp.arange(r)).reshape(-1), width - 1)
+  pixels = flat.at[rows[:, None, None] * pitch + cols[None, :, None] * channels + jnp.arange(channels)].get(
+      mode="clip")
   if r > 1:
-    hp, wp = -(-h // r) * r, -(-w // r) * r
-    image = jnp.pad(image, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge")
-    blocks = image.reshape(hp // r, r, wp // r, r, channels).astype(jnp.float32).mean(axis=(1, 3))
-    image = jnp.round(blocks).astype(jnp.uint8)
-  image = jnp.pad(image, ((0, canvas), (0, canvas), (0, 0)))  # so that the slice below never shifts
-  return jax.lax.dynamic_slice(image, (origin[0], origin[1], 0), (canvas, canvas, channels))
+    blocks = pixels.reshape(canvas, r, canvas, r, channels).astype(jnp.float32).mean(axis=(1, 3))
+    pixels = jnp.round(blocks).astype(jnp.uint8)
+  inside = (blocks_y * r < height)[:, None, None] & (blocks_x * r < width)[None, :, None]
+  return jnp.where(inside, pixels, jnp.zeros((), jnp.uint8))
 
 
 def _taps(extent, out_size: int, canvas: int, antialias: bool):
@@ -100,14 +140,16 @@ def resize_windows(windows: jax.Array, extents: jax.Array, flips: jax.Array, *, 
 
 
 def crop_resize_flip(images, boxes, flips, *, size: int, antialias: bool = False) -> jax.Array:
-  """images: a sequence of (H, W, C) arrays, any sizes, or one (B, H, W, C) array; boxes (B, 4) int [y0, x0, y1,
-  x1] in each image's pixels, inside it; flips (B,) bool -> float32 (B, size, size, C), not rounded. One `window`
-  dispatch per image (the boxes are read on the host), one `resize_windows` for the batch."""
+  """images: a sequence of Decoded images or (H, W, C) arrays, any sizes, or one (B, H, W, C) array; boxes (B, 4)
+  int [y0, x0, y1, x1] in each image's pixels, inside it; flips (B,) bool -> float32 (B, size, size, C), not
+  rounded. One `window` dispatch per image (the boxes are read on the host), one `resize_windows` for the batch."""
   canvas = canvas_size(size, antialias)
   windows, extents = [], []
   for image, box in zip(images, np.asarray(boxes)):
+    image = Decoded.of(image)
     r, origin, extent = plan(box, size, antialias)
-    windows.append(window(image, origin, r=r, canvas=canvas))
+    geometry = np.array([image.height, image.width, image.pitch, *origin], np.int32)
+    windows.append(window(image.buffer, geometry, r=r, canvas=canvas, channels=image.channels))
     extents.append(extent)
   return resize_windows(jnp.stack(windows), jnp.asarray(extents, jnp.int32), jnp.asarray(flips), size=size,
                         antialias=antialias)

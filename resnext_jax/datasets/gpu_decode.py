@@ -12,23 +12,33 @@ GPU (its hardware JPEG engines where the GPU has them, A100/H100/H200, else CUDA
 DLPack without a copy through the host, and device_augment crops, resizes, flips and normalises them. Each
 device decodes its own slice of the batch (input_pipeline._device_decoded_batches), with a decoder of its own.
 
-Known costs, to measure on a GPU: each image is one small dispatch (device_augment.window), and each distinct
-image size compiles that small program once in each process: no dot, so no autotuning; 0.05 s on a 2-core Zen
-4's CPU backend (0.01 s tracing, 0.04 s XLA). A train set with thousands of distinct sizes, as ImageNet's, pays
-minutes of such compiles in its first epoch; they are under the persistent cache's 0.5 s threshold, so a resumed
-run pays them again unless config.compilation_cache_min_compile_secs is 0. The batch's resize is one program. A
-fixed decode shape would remove the per-size programs, but nvImageCodec 0.9 neither decodes into a caller's
-buffer (it reuses only buffers it allocated) nor pads a region that reaches past the image (its CPU decoders
-reject such regions), and its GPU region decode has a reported 0.9 regression (INTERNAL_ERROR on A100, SIGSEGV
-on H100: NVIDIA/nvImageCodec#55): so whole images are decoded here, and only the window is kept.
+Fixed shapes for any image size. XLA compiles a program per input shape, and a train set has thousands of image
+sizes. nvImageCodec 0.9 decodes only into buffers it allocated, but it reuses a decoded image's buffer for the
+next image it is handed, keeping its capacity. So each image is decoded into a pooled buffer of one of
+BUFFER_BYTES' five sizes, and JAX reads the buffer's first bytes, through DLPack and without a copy, as an array
+of that size's one shape (`decode`); device_augment.window gathers the image from it, given its height, width
+and row pitch. A buffer returns to its pool when JAX releases the view, which is after the last program that
+reads it has run. The window programs then compile per buffer size and DCT scale, about ten in all, not once per
+image size (a first pass over 168 sizes on the CPU backend: 148 images/s, against 29-30 when each size compiled
+its own). Fixed decode shapes by other means are not on offer in 0.9: its CPU decoders reject regions that
+reach past the image, and its GPU region decode has a reported 0.9 regression (INTERNAL_ERROR on A100, SIGSEGV on
+H100: NVIDIA/nvImageCodec#55).
+
+Known costs, to measure on a GPU: each image is one small dispatch (device_augment.window), 13-15 µs of host
+time here; the pooled buffers hold 1 MiB per image of ImageNet's usual size in flight (16 MiB for the largest);
+the views reach JAX through nvImageCodec's `as_image` and DLPack, which has run on the CPU backend only (there
+through NumPy's DLPack).
 
 Install with `pip install 'nvidia-nvimgcodec-cu12[nvjpeg]'` (CUDA 12) or `'nvidia-nvimgcodec-cu13[nvjpeg]'`
 (CUDA 13): without nvJPEG (the extra, or a CUDA toolkit) nvImageCodec registers no GPU JPEG decoder. The decoder
 is limited to the GPU backends, so a missing nvJPEG is an error, not a silent decode on the CPU.
 """
 
+import collections
 import functools
+import io
 import os
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -91,20 +101,126 @@ def _decode_params():
                             sample_format=codec.SampleFormat.I_RGB)
 
 
-def decode(encoded: list[bytes], device: jax.Device | None = None) -> list[jax.Array]:
-  """Encoded images -> uint8 (H, W, 3) jax.Arrays on `device` (default: the first local one): decoded on that GPU
-  and handed over through DLPack (nvImageCodec's batch decode), or, with the CPU backend, copied from its host
-  buffers (by jax.device_put: jnp.asarray compiled a program per image shape, 11 ms each, which made a first pass
-  over 168 sizes 10x slower than the next)."""
+# Decoded images land in reused buffers of these sizes (bytes; the smallest that holds the image), which JAX sees
+# as arrays of one fixed shape each: 1 MiB holds a 500 x 500 RGB image (most of ImageNet), 16 MiB one of about
+# 2,360 x 2,360. Larger images get a buffer of their own, and a window program of their own size.
+BUFFER_BYTES = tuple(1 << bits for bits in range(20, 25))
+_VIEW_COLUMNS = 4096
+
+
+class _View:
+  """The first `nbytes` of a decoded image's buffer as a fixed-shape uint8 array (nbytes / 4096, 4096), through the
+  CUDA (GPU) or NumPy (CPU backend) array interface: what JAX imports, without a copy, instead of the image's own
+  shape. Holds the image (and so its buffer) while JAX holds the view."""
+
+  def __init__(self, image, shape, interface: str):
+    self.image = image
+    data = getattr(image, interface)["data"][0]
+    setattr(self, interface, {"shape": shape, "typestr": "|u1", "data": (data, False), "version": 3,
+                              "strides": None})
+
+
+@functools.cache
+def _free_buffers(name: str, device_id: int) -> dict:
+  """{buffer size: decoded images whose buffers JAX has released}, one pool per decoder."""
+  return {nbytes: collections.deque() for nbytes in BUFFER_BYTES}
+
+
+@functools.cache
+def _blank_jpeg(nbytes: int) -> bytes:
+  """A grey JPEG of at least nbytes of RGB pixels: decoding it allocates a buffer that size (cheap to decode)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  out = io.BytesIO()
+  Image.new("RGB", (1024, -(-nbytes // 3072)), (128, 128, 128)).save(out, format="JPEG", quality=50)
+  return out.getvalue()
+
+
+def _buffer_size(height: int, width: int) -> int | None:
+  return next((nbytes for nbytes in BUFFER_BYTES if height * width * 3 <= nbytes), None)
+
+
+def _code_streams(encoded) -> tuple[list, list]:
+  """(nvImageCodec's code streams, (height, width) from each header)."""
+  codec = nvimgcodec()
+  streams, shapes = [], []
+  for i, data in enumerate(encoded):
+    try:
+      stream = codec.CodeStream(bytes(data))
+      shapes.append((stream.height, stream.width))
+    except RuntimeError as e:
+      raise DataError(f"nvImageCodec could not read image {i} of the batch: not an image it reads ({e}).") from e
+    streams.append(stream)
+  return streams, shapes
+
+
+def _decode_into(decoder, streams, targets, params):
+  """Decodes streams[i] into targets[i] (a pooled image whose buffer is reused, or None: a buffer of its own)."""
+  pooled = [i for i, target in enumerate(targets) if target is not None]
+  own = [i for i, target in enumerate(targets) if target is None]
+  images = [None] * len(streams)
+  if pooled:
+    for i, image in zip(pooled, decoder.decode([streams[i] for i in pooled], images=[targets[i] for i in pooled],
+                                               params=params)):
+      images[i] = image
+  if own:
+    for i, image in zip(own, decoder.decode([streams[i] for i in own], params=params)):
+      images[i] = image
+  return images
+
+
+def _take_buffers(name, device_id, decoder, sizes) -> list:
+  """A released image from the pool for each size (None where there is no size: a large image), decoding a blank
+  JPEG to make a buffer where the pool has none free."""
+  pool = _free_buffers(name, device_id)
+  targets = [pool[nbytes].pop() if nbytes and pool[nbytes] else None for nbytes in sizes]
+  missing = [i for i, (nbytes, target) in enumerate(zip(sizes, targets)) if nbytes and target is None]
+  if missing:
+    blanks, _ = _code_streams([_blank_jpeg(sizes[i]) for i in missing])
+    for i, image in zip(missing, decoder.decode(blanks, params=_decode_params())):
+      targets[i] = image
+  return targets
+
+
+def _import(image, nbytes, name, device, release) -> jax.Array:
+  """The first nbytes of image's buffer (or its whole rows where nbytes is None) as a JAX array on `device`, without
+  a copy; release() runs once JAX no longer reads it (the DLPack view's owner is dropped after the last use)."""
+  height, pitch = image.height, image.strides[0]
+  shape = (nbytes // _VIEW_COLUMNS, _VIEW_COLUMNS) if nbytes else (height, pitch)
+  view = _View(image, shape, "__array_interface__" if name == "cpu" else "__cuda_array_interface__")
+  if release is not None:
+    weakref.finalize(view, release)
+  if name == "cpu":  # NumPy's DLPack; from_dlpack keeps it, and so the view, until the array is freed
+    return jax.device_put(jax.dlpack.from_dlpack(np.asarray(view)), device)
+  codec = nvimgcodec()
+  return jax.dlpack.from_dlpack(codec.as_image(view, cuda_stream=image.cuda_stream,
+                                               sample_format=codec.SampleFormat.I_Y))
+
+
+def decode(encoded: list[bytes], device: jax.Device | None = None) -> list[device_augment.Decoded]:
+  """Encoded images -> device_augment.Decoded images on `device` (default: the first local one), decoded on that
+  GPU (nvImageCodec's batch decode) or, with the CPU backend, on the host.
+
+  Each image is decoded into a reused buffer of one of BUFFER_BYTES' sizes (the smallest that holds it), and JAX
+  reads that buffer, through DLPack and without a copy, as an array of that size's fixed shape: so that the window
+  programs compile once per buffer size rather than once per image size (a first pass over ImageNet's many sizes
+  would otherwise spend most of its time compiling). A buffer returns to its pool when JAX has released it."""
   name, device = backend(), device or jax.local_devices()[0]
   device_id = device.local_hardware_id if name == "gpu" else device.id  # the CPU backend's key: one per thread
-  images = _decoder(name, device_id).decode(list(encoded), params=_decode_params())
+  decoder, pool = _decoder(name, device_id), _free_buffers(name, device_id)
+  streams, shapes = _code_streams(encoded)
+  sizes = [_buffer_size(*shape) for shape in shapes]
+  images = _decode_into(decoder, streams, _take_buffers(name, device_id, decoder, sizes), _decode_params())
   out = []
-  for i, image in enumerate(images):
+  for i, (image, nbytes) in enumerate(zip(images, sizes)):
     if image is None:
       raise DataError(f"nvImageCodec ({name} backend) could not decode image {i} of the batch: not an image it "
                       f"reads, or no GPU JPEG decoder (nvJPEG) installed. {INSTALL_HINT}")
-    out.append(jax.device_put(np.asarray(image.cpu()), device) if name == "cpu" else jax.dlpack.from_dlpack(image))
+    height, width, pitch = image.height, image.width, image.strides[0]
+    release = functools.partial(pool[nbytes].append, image) if nbytes else None
+    if nbytes and (height - 1) * pitch + width * 3 > min(nbytes, image.capacity):
+      nbytes = None  # rows padded past the buffer size: the image's own rows (its own window program)
+    buffer = _import(image, nbytes, name, device, release)
+    out.append(device_augment.Decoded(buffer, height, width, pitch))
   return out
 
 
