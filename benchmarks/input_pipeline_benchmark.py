@@ -40,7 +40,7 @@ if REPO not in sys.path:
 
 from resnext_jax.datasets import synthetic_jpegs  # pylint: disable=wrong-import-position
 
-DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "resnext_jax", "imagenet_like_jpegs")
+DEFAULT_DATA_DIR = synthetic_jpegs.DEFAULT_DATA_DIR
 
 
 def cpu_model() -> str:

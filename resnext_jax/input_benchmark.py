@@ -27,7 +27,9 @@ import time
 import jax
 import numpy as np
 
-DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "resnext_jax", "imagenet_like_jpegs")
+from resnext_jax.datasets import synthetic_jpegs
+
+DEFAULT_DATA_DIR = synthetic_jpegs.DEFAULT_DATA_DIR
 IMAGENET_TRAIN_EXAMPLES = 1_281_167  # only shapes the learning-rate schedule, which does not change the cost
 
 
@@ -49,7 +51,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def data_config(config, args):
   """`config` (a training recipe with the benchmark's model options) pointed at the benchmark's data."""
   if args.dataset == "imagenet-like":
-    from resnext_jax.datasets import synthetic_jpegs  # pylint: disable=import-outside-toplevel
     root = os.path.join(args.data_dir or DEFAULT_DATA_DIR, f"n{args.num_images}")
     stats = synthetic_jpegs.write_image_folder(root, args.num_images)
     config.update(dataset="imagefolder", data_dir=root)

@@ -16,6 +16,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+# Where the benchmarks keep the folders they make (resnext_jax.input_benchmark, benchmarks/input_pipeline_benchmark.py).
+DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "resnext_jax", "imagenet_like_jpegs")
 _MAX_SYNTH = 640  # content is made at <= 640 px and upscaled: large camera images are smooth at pixel scale
 
 
