@@ -12,9 +12,9 @@ command says whether the decode is right and fast enough for the step.
 Reports: agreement with PIL's decode of the same files (nvImageCodec's IDCT may differ by a few grey levels);
 decode-only images/s; decode + augment images/s on the first pass (the small per-image window program compiles
 once per pooled buffer size and DCT scale: the number of image sizes and of programs compiled is printed) and on
-a second pass (compiled). With --model, the loop on the device as well: the job's train step (--config's recipe, --dtype) fed
-by the decode and augmentation, against the step alone on a synthetic batch in the same run (`loop_over_step`,
-the issue's 90% mark but for tf.data's host work). Then one JSON line. Crop boxes and flips come from
+a second pass (compiled). With --model, the loop on the device as well: the job's train step (--config's recipe,
+--dtype) fed by the decode and augmentation, against the step alone on a synthetic batch in the same run
+(`loop_over_step`, the issue's 90% mark but for tf.data's host work). Then one JSON line. Crop boxes and flips come from
 torchvision's RandomResizedCrop sampling in numpy: the host path's distribution (TF's own sampler needs
 TensorFlow).
 """

@@ -24,10 +24,10 @@ its own). Fixed decode shapes by other means are not on offer in 0.9: its CPU de
 reach past the image, and its GPU region decode has a reported 0.9 regression (INTERNAL_ERROR on A100, SIGSEGV on
 H100: NVIDIA/nvImageCodec#55).
 
-Known costs, to measure on a GPU: each image is one small dispatch (device_augment.window), 13-15 µs of host
-time here; the pooled buffers hold 1 MiB per image of ImageNet's usual size in flight (16 MiB for the largest);
-the views reach JAX through nvImageCodec's `as_image` and DLPack, which has run on the CPU backend only (there
-through NumPy's DLPack).
+Known costs, to measure on a GPU: each image is one small dispatch (device_augment.window), about 10 µs of
+host time here; the pooled buffers hold 1 MiB per image of ImageNet's usual size in flight (16 MiB for the
+largest); the views reach JAX through nvImageCodec's `as_image` and DLPack, which has run on the CPU backend only
+(there through NumPy's DLPack).
 
 Install with `pip install 'nvidia-nvimgcodec-cu12[nvjpeg]'` (CUDA 12) or `'nvidia-nvimgcodec-cu13[nvjpeg]'`
 (CUDA 13): without nvJPEG (the extra, or a CUDA toolkit) nvImageCodec registers no GPU JPEG decoder. The decoder
