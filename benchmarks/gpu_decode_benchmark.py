@@ -33,6 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from resnext_jax import errors  # pylint: disable=wrong-import-position
 from resnext_jax.datasets import device_augment  # pylint: disable=wrong-import-position
 from resnext_jax.datasets import gpu_decode  # pylint: disable=wrong-import-position
 from resnext_jax.datasets import normalization  # pylint: disable=wrong-import-position
@@ -96,7 +97,8 @@ def main(argv=None) -> dict:
     return gpu_decode.augment_batch(*batch, size=args.image_size, mean=normalization.IMAGENET_MEAN,
                                     std=normalization.IMAGENET_STD, antialias=args.antialias)
 
-  result = {"backend": gpu_decode.backend(), "device": str(jax.devices()[0].device_kind),
+  result = {"backend": gpu_decode.backend(), "pooled_buffers": gpu_decode.pooled(),
+            "device": str(jax.devices()[0].device_kind),
             "num_images": len(jpegs), "distinct_sizes": len(set(sizes)), "batch_size": args.batch_size,
             **agreement_with_pil(jpegs[:16])}
   result["decode_images_per_s"] = round(images_per_s(lambda b: gpu_decode.decode(b[0]), batches), 1)
@@ -143,4 +145,7 @@ def loop_against_step(args, batches, augment) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except errors.ResNeXtError as e:  # a configuration or data problem: one line that names it
+    raise SystemExit(f"error: {e}") from e

@@ -268,6 +268,26 @@ def test_gpu_decode_puts_images_of_every_size_in_a_few_buffer_shapes(monkeypatch
   assert len(pool[gpu_decode.BUFFER_BYTES[0]]) == free and len({d.buffer.shape for d in again}) == 1
 
 
+def test_gpu_decode_without_the_pool_gives_the_same_crops(monkeypatch):
+  """RESNEXT_JAX_DECODE_POOL=0, the fallback should the pooled views fail on a GPU: each image an array of its own
+  shape, and the same crops as from the pooled buffers."""
+  require_nvimgcodec()
+  from resnext_jax.datasets import gpu_decode  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("RESNEXT_JAX_DECODE_BACKEND", "cpu")
+  sizes = [(90, 120), (61, 47), (300, 200)]
+  jpegs = [synthetic_jpegs.encode_jpeg(_photo(*size, seed=i)) for i, size in enumerate(sizes)]
+  boxes = np.array([[[5, 3, h - 2, w], [0, 0, h, w]][i % 2] for i, (h, w) in enumerate(sizes)])
+  flips = [1, 0, 1]
+  pooled = device_augment.crop_resize_flip(gpu_decode.decode(jpegs), boxes, np.array(flips, bool), size=24)
+  monkeypatch.setenv("RESNEXT_JAX_DECODE_POOL", "0")
+  own = gpu_decode.decode(jpegs)
+  assert [d.buffer.shape for d in own] == [(h, w, 3) for h, w in sizes]
+  np.testing.assert_array_equal(device_augment.crop_resize_flip(own, boxes, np.array(flips, bool), size=24), pooled)
+  monkeypatch.setenv("RESNEXT_JAX_DECODE_POOL", "yes")
+  with pytest.raises(errors.ConfigError, match="RESNEXT_JAX_DECODE_POOL='yes'"):
+    gpu_decode.decode(jpegs)
+
+
 def test_gpu_decode_says_what_to_install():
   from resnext_jax.datasets import gpu_decode  # pylint: disable=import-outside-toplevel
   try:

@@ -73,6 +73,16 @@ def backend() -> str:
   return name
 
 
+def pooled() -> bool:
+  """$RESNEXT_JAX_DECODE_POOL: '1' (default) decodes into pooled buffers of fixed sizes (`decode`); '0' gives each
+  image a buffer of its own and JAX the image's own shape, so a window program per image size: the path to fall
+  back to should the pooled views fail on a GPU stack (they have not run on one; benchmarks/gpu_check.sh does)."""
+  value = os.environ.get("RESNEXT_JAX_DECODE_POOL", "1")
+  if value not in ("0", "1"):
+    raise ConfigError(f"RESNEXT_JAX_DECODE_POOL={value!r}; expected '1' (pooled buffers) or '0' (one per image).")
+  return value == "1"
+
+
 def check_device() -> None:
   """ConfigError unless JAX runs on a GPU (nvImageCodec's outputs are CUDA buffers), or the CPU backend is chosen."""
   if backend() == "gpu" and jax.default_backend() != "gpu":
@@ -196,6 +206,14 @@ def _import(image, nbytes, name, device, release) -> jax.Array:
                                                sample_format=codec.SampleFormat.I_Y))
 
 
+def _own_array(image, name, device) -> jax.Array:
+  """An image in a buffer of its own as a (H, W, 3) array on `device`: DLPack from the GPU, or, with the CPU
+  backend, a copy by jax.device_put (jnp.asarray compiled a program per image shape)."""
+  if name == "cpu":
+    return jax.device_put(np.asarray(image.cpu()), device)
+  return jax.dlpack.from_dlpack(image)
+
+
 def decode(encoded: list[bytes], device: jax.Device | None = None) -> list[device_augment.Decoded]:
   """Encoded images -> device_augment.Decoded images on `device` (default: the first local one), decoded on that
   GPU (nvImageCodec's batch decode) or, with the CPU backend, on the host.
@@ -203,18 +221,23 @@ def decode(encoded: list[bytes], device: jax.Device | None = None) -> list[devic
   Each image is decoded into a reused buffer of one of BUFFER_BYTES' sizes (the smallest that holds it), and JAX
   reads that buffer, through DLPack and without a copy, as an array of that size's fixed shape: so that the window
   programs compile once per buffer size rather than once per image size (a first pass over ImageNet's many sizes
-  would otherwise spend most of its time compiling). A buffer returns to its pool when JAX has released it."""
+  would otherwise spend most of its time compiling). A buffer returns to its pool when JAX has released it.
+  With $RESNEXT_JAX_DECODE_POOL=0, each image gets a buffer, and JAX an array, of its own (`pooled`)."""
   name, device = backend(), device or jax.local_devices()[0]
   device_id = device.local_hardware_id if name == "gpu" else device.id  # the CPU backend's key: one per thread
   decoder, pool = _decoder(name, device_id), _free_buffers(name, device_id)
   streams, shapes = _code_streams(encoded)
-  sizes = [_buffer_size(*shape) for shape in shapes]
+  use_pool = pooled()
+  sizes = [_buffer_size(*shape) if use_pool else None for shape in shapes]
   images = _decode_into(decoder, streams, _take_buffers(name, device_id, decoder, sizes), _decode_params())
   out = []
   for i, (image, nbytes) in enumerate(zip(images, sizes)):
     if image is None:
       raise DataError(f"nvImageCodec ({name} backend) could not decode image {i} of the batch: not an image it "
                       f"reads, or no GPU JPEG decoder (nvJPEG) installed. {INSTALL_HINT}")
+    if not use_pool:
+      out.append(device_augment.Decoded.of(_own_array(image, name, device)))
+      continue
     height, width, pitch = image.height, image.width, image.strides[0]
     release = functools.partial(pool[nbytes].append, image) if nbytes else None
     if nbytes and (height - 1) * pitch + width * 3 > min(nbytes, image.capacity):
