@@ -14,8 +14,9 @@ decode-only images/s; decode + augment images/s on the first pass (the small per
 once per pooled buffer size and DCT scale: the number of image sizes and of programs compiled is printed) and on
 a second pass (compiled). With --model, the loop on the device as well: the job's train step (--config's recipe,
 --dtype) fed by the decode and augmentation, against the step alone on a synthetic batch in the same run
-(`loop_over_step`, the issue's 90% mark but for tf.data's host work). Then one JSON line. Crop boxes and flips come from
-torchvision's RandomResizedCrop sampling in numpy: the host path's distribution (TF's own sampler needs
+(`loop_over_step`, the issue's 90% mark but for tf.data's host work; and that its batches equal those augmented
+one at a time, which a pooled buffer reused too early would break). Then one JSON line. Crop boxes and flips
+come from torchvision's RandomResizedCrop sampling in numpy: the host path's distribution (TF's own sampler needs
 TensorFlow).
 """
 
@@ -27,6 +28,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,7 +118,10 @@ def loop_against_step(args, batches, augment) -> dict:
   """The job's train step alone (its synthetic batch), then the loop on the device: each batch decoded,
   augmented and fed to the step, over `--loop_passes` passes (the window programs already compiled). Their ratio
   is the full loop's share of the step's images/s, but for tf.data's host work (reading records, JPEG headers,
-  boxes), which this machine may lack TensorFlow to run. One device."""
+  boxes), which this machine may lack TensorFlow to run. One device. Also checks that the loop's first batches
+  equal the same batches augmented alone (`loop_batches_max_abs_diff_vs_alone`, 0 when right): in the loop, each
+  decode reuses pooled buffers while the steps queued before it still run, so a buffer handed back before the
+  programs reading it had finished would show here."""
   from resnext_jax import benchmark  # pylint: disable=import-outside-toplevel
   step_args = benchmark.parse_args(["--model", args.model, "--batch-size", str(args.batch_size), "--image-size",
                                     str(args.image_size), "--dtype", args.dtype, "--config", args.config])
@@ -130,18 +135,27 @@ def loop_against_step(args, batches, augment) -> dict:
     jax.block_until_ready(metrics)
     return state, count / (time.perf_counter() - start)
 
-  def decoded(passes):
+  def decoded(passes, kept=None):
     for _ in range(passes):
       for batch in batches:
-        yield dict(synthetic, image=jax.device_put(augment(batch), synthetic["image"].sharding))
+        images = augment(batch)
+        if kept is not None and len(kept) < 4:
+          kept.append(images)
+        yield dict(synthetic, image=jax.device_put(images, synthetic["image"].sharding))
 
+  # The first batches augmented one at a time, each finished before the next decode: no buffer can be reused
+  # while a program still reads it. The loop below decodes each batch while the steps before it still run.
+  alone = [jax.block_until_ready(augment(batch)) for batch in batches[:4]]
   state, _ = steps(state, [synthetic])  # warm-up
   state, step_per_s = steps(state, [synthetic] * args.steps)
-  state, _ = steps(state, decoded(1))
+  in_loop = []
+  state, _ = steps(state, decoded(1, in_loop))
   _, loop_per_s = steps(state, decoded(args.loop_passes))
+  reuse_diff = max(float(jnp.abs(a - b).max()) for a, b in zip(alone, in_loop))
   return {"model": args.model, "dtype": args.dtype, "step_compile_seconds": round(compile_seconds, 1),
           "step_images_per_s": round(step_per_s, 1), "loop_images_per_s": round(loop_per_s, 1),
-          "loop_over_step": round(loop_per_s / step_per_s, 3)}
+          "loop_over_step": round(loop_per_s / step_per_s, 3),
+          "loop_batches_max_abs_diff_vs_alone": reuse_diff}
 
 
 if __name__ == "__main__":

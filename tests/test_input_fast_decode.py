@@ -407,6 +407,7 @@ def test_gpu_decode_benchmark_dry_run_with_the_cpu_backend(monkeypatch):
   assert result["max_abs_diff_vs_pil"] <= 8 and result["mean_abs_diff_vs_pil"] < 1.0  # IDCTs differ slightly
   assert result["decode_images_per_s"] > 0 and result["augment_images_per_s"] > 0
   assert result["step_images_per_s"] > 0 and result["loop_images_per_s"] > 0  # the train step, fed by the decode
+  assert result["pooled_buffers"] and result["loop_batches_max_abs_diff_vs_alone"] == 0.0
 
 
 # An image folder of 9 sizes: with 4 devices and a batch of 8, its eval padding leaves one device a real image and
