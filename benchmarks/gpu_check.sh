@@ -10,7 +10,8 @@
 # its images/s, and the loop on the device (the train step fed by the decode) against the step alone
 # (gpu_decode_benchmark.py; should it fail, again with a buffer per image, RESNEXT_JAX_DECODE_POOL=0); then the
 # train step on its own (resnext_jax.benchmark: compile time, TFLOP/s, and torchvision's step in the same run where
-# torch is installed). The exit status is 1 if the pooled decode failed. A dry run without a GPU:
+# torch is installed). The exit status is 1 if the pooled decode failed or gave other batches in the loop than
+# alone. A dry run without a GPU:
 # RESNEXT_JAX_DECODE_BACKEND=cpu NUM_IMAGES=8 BATCH_SIZE=4 MODEL=resnext11_4x16d DTYPE=float32 COMPARE_TORCH=0 \
 #   benchmarks/gpu_check.sh
 set -euo pipefail
@@ -35,6 +36,11 @@ if ! decode_check "$out/decode.json"; then
   failed=1
   echo "gpu_check: the decode benchmark failed with pooled buffers; again with RESNEXT_JAX_DECODE_POOL=0" >&2
   RESNEXT_JAX_DECODE_POOL=0 decode_check "$out/decode_unpooled.json" || true
+elif ! tail -n 1 "$out/decode.json" | python3 -c \
+    'import json, sys; sys.exit(json.loads(sys.stdin.read()).get("loop_batches_max_abs_diff_vs_alone", 0) != 0)'; then
+  failed=1
+  echo "gpu_check: the loop's batches differ from the same batches augmented alone: a pooled buffer was reused" \
+    "before the programs reading it had run" >&2
 fi
 compare=""  # torchvision's step beside ours where torch is installed (COMPARE_TORCH=0: not)
 if [[ "${COMPARE_TORCH:-1}" == 1 ]] && python3 -c "import torch" 2>/dev/null; then compare=--compare-torch; fi

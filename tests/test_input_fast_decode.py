@@ -410,6 +410,20 @@ def test_gpu_decode_benchmark_dry_run_with_the_cpu_backend(monkeypatch):
   assert result["pooled_buffers"] and result["loop_batches_max_abs_diff_vs_alone"] == 0.0
 
 
+def test_gpu_check_script_dry_run(tmp_path):
+  """benchmarks/gpu_check.sh, the one command a GPU session runs, runs through on the CPU backend: the decode and
+  loop check (pooled buffers, the loop's batches equal to those augmented alone) and the step benchmark."""
+  require_nvimgcodec()
+  env = process_env(1, RESNEXT_JAX_DECODE_BACKEND="cpu", NUM_IMAGES="6", BATCH_SIZE="3", MODEL="resnext11_4x16d",
+                    DTYPE="float32", COMPARE_TORCH="0", STEPS="1")
+  result = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  decode = json.loads((tmp_path / "decode.json").read_text().splitlines()[-1])
+  assert decode["pooled_buffers"] and decode["loop_batches_max_abs_diff_vs_alone"] == 0.0
+  assert '"images_per_sec"' in (tmp_path / "step.txt").read_text()
+
+
 # An image folder of 9 sizes: with 4 devices and a batch of 8, its eval padding leaves one device a real image and
 # a padded one, others padding only (here and in test_input_multiprocess.py).
 NINE_SIZES = [(300, 200), (90, 120), (260, 400), (100, 100), (375, 500), (64, 64), (120, 90), (200, 150), (77, 99)]
