@@ -25,9 +25,10 @@ reach past the image, and its GPU region decode has a reported 0.9 regression (I
 H100: NVIDIA/nvImageCodec#55).
 
 Known costs, to measure on a GPU: each image is one small dispatch (device_augment.window), about 10 µs of
-host time here; the pooled buffers hold 1 MiB per image of ImageNet's usual size in flight (16 MiB for the
-largest); the views reach JAX through nvImageCodec's `as_image` and DLPack, which has run on the CPU backend only
-(there through NumPy's DLPack).
+host time here, and one jax.dlpack.from_dlpack, 45-60 µs of JAX's Python (so a host with several GPUs should run
+a process per GPU: docs/input_pipeline.md); the pooled buffers hold 1 MiB per image of ImageNet's usual size in
+flight (16 MiB for the largest); the views reach JAX through nvImageCodec's `as_image` and DLPack, which has run
+on the CPU backend only (there through NumPy's DLPack).
 
 Install with `pip install 'nvidia-nvimgcodec-cu12[nvjpeg]'` (CUDA 12) or `'nvidia-nvimgcodec-cu13[nvjpeg]'`
 (CUDA 13): without nvJPEG (the extra, or a CUDA toolkit) nvImageCodec registers no GPU JPEG decoder. The decoder
@@ -200,7 +201,8 @@ def _import(image, nbytes, name, device, release) -> jax.Array:
   if release is not None:
     weakref.finalize(view, release)
   if name == "cpu":  # NumPy's DLPack; from_dlpack keeps it, and so the view, until the array is freed
-    return jax.device_put(jax.dlpack.from_dlpack(np.asarray(view)), device)
+    array = jax.dlpack.from_dlpack(np.asarray(view))  # on the first CPU device; device_put there would copy
+    return array if array.devices() == {device} else jax.device_put(array, device)
   codec = nvimgcodec()
   return jax.dlpack.from_dlpack(codec.as_image(view, cuda_stream=image.cuda_stream,
                                                sample_format=codec.SampleFormat.I_Y))
