@@ -83,8 +83,7 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   gpu_decode.check_device()
 
-  jpeg_rng = np.random.default_rng(0)
-  jpegs = [synthetic_jpegs.imagenet_like_jpeg(jpeg_rng) for _ in range(args.num_images)]
+  jpegs = synthetic_jpegs.imagenet_like_jpegs(args.num_images)
   sizes = header_sizes(jpegs)
   rng = np.random.default_rng(1)
   boxes = np.array([synthetic_jpegs.inception_box(rng, h, w) for h, w in sizes], np.int32)

@@ -490,6 +490,14 @@ def test_synthetic_jpegs_look_like_imagenet():
   assert 2.5 < bits < 6  # ImageNet's JPEGs: ~110 kB at ~400x470, about 4-5 bits per pixel
 
 
+def test_imagenet_like_jpegs_are_the_same_made_by_worker_processes():
+  """The GPU check's JPEGs, made in worker processes (64 images: one per core here), are the files made one by one
+  from the same seeds, in order."""
+  made = synthetic_jpegs.imagenet_like_jpegs(64, seed=3)
+  assert made == [synthetic_jpegs.imagenet_like_jpeg(np.random.default_rng((3, i))) for i in range(64)]
+  assert len(set(made)) == 64
+
+
 def test_input_pipeline_benchmark_smoke(tmp_path):
   sys.path.insert(0, os.path.join(REPO, "benchmarks"))
   import input_pipeline_benchmark  # pylint: disable=import-outside-toplevel
