@@ -242,8 +242,8 @@ def decode(encoded: list[bytes], device: jax.Device | None = None) -> list[devic
       continue
     height, width, pitch = image.height, image.width, image.strides[0]
     release = functools.partial(pool[nbytes].append, image) if nbytes else None
-    if nbytes and (height - 1) * pitch + width * 3 > min(nbytes, image.capacity):
-      nbytes = None  # rows padded past the buffer size: the image's own rows (its own window program)
+    if nbytes and ((height - 1) * pitch + width * 3 > nbytes or image.capacity < nbytes):
+      nbytes = None  # rows padded past the size, or a buffer reallocated smaller: the image's own rows
     buffer = _import(image, nbytes, name, device, release)
     out.append(device_augment.Decoded(buffer, height, width, pitch))
   return out
