@@ -15,6 +15,7 @@ import functools
 import importlib
 import math
 
+from absl import logging
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
@@ -217,6 +218,8 @@ def _decode_on_device(config) -> bool:
   gpu_decode = importlib.import_module("resnext_jax.datasets.gpu_decode")
   gpu_decode.check_device()
   gpu_decode.nvimgcodec()  # a clear error now if it is missing, not at the first batch
+  logging.info("Decoding JPEGs on the devices with nvImageCodec (%s backend, %s).", gpu_decode.backend(),
+               "pooled buffers" if gpu_decode.pooled() else "a buffer per image")
   return True
 
 

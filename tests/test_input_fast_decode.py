@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import REPO, process_env, require_nvimgcodec
+from conftest import REPO, last_json, process_env, require_nvimgcodec, run_main
 from resnext_jax import errors
 from resnext_jax import input_pipeline
 from resnext_jax.datasets import dct_scaling
@@ -356,6 +356,23 @@ print("shards", sorted(s.device.id for s in image.addressable_shards),
       image.sharding.spec == jax.sharding.PartitionSpec("data"))
 print("resize programs", device_augment.resize_windows._cache_size())
 """
+
+
+def test_main_trains_and_evaluates_with_decode_on_device(tmp_path):
+  """main.py as users start it, with config.decode_on_device on 2 devices (nvImageCodec's CPU backend standing in
+  for its GPU one): it trains, evaluates every image once and checkpoints."""
+  require_nvimgcodec()
+  write_image_folder(str(tmp_path / "images"), NINE_SIZES)
+  proc = run_main(["--config=configs/digits_resnext.py:tiny", "--config.dataset=imagefolder",
+                   f"--config.data_dir={tmp_path / 'images'}", "--config.eval_split=train",
+                   "--config.augment=inception", "--config.decode_on_device=True", "--config.image_size=32",
+                   "--config.batch_size=4", "--config.eval_batch_size=4", "--config.num_train_steps=2",
+                   f"--workdir={tmp_path / 'wd'}"], devices=2, env=dict(RESNEXT_JAX_DECODE_BACKEND="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = last_json(proc.stdout)
+  assert result["step"] == 2 and result["num_examples"] == 9
+  assert os.listdir(tmp_path / "wd" / "checkpoints") == ["2"]
+  assert "Decoding JPEGs on the devices with nvImageCodec (cpu backend, pooled buffers)" in proc.stderr
 
 
 def test_decode_on_device_decodes_each_devices_slice_on_that_device(tmp_path):
