@@ -18,7 +18,8 @@ next image it is handed, keeping its capacity. So each image is decoded into a p
 BUFFER_BYTES' five sizes, and JAX reads the buffer's first bytes, through DLPack and without a copy, as an array
 of that size's one shape (`decode`); device_augment.window gathers the image from it, given its height, width
 and row pitch. A buffer returns to its pool when JAX releases the view, which is after the last program that
-reads it has run. The window programs then compile per buffer size and DCT scale, about ten in all, not once per
+reads it has run (on a GPU that rests on how PJRT releases DLPack views: gpu_decode_benchmark --model checks
+it). The window programs then compile per buffer size and DCT scale, about ten in all, not once per
 image size (a first pass over 168 sizes on the CPU backend: 148 images/s, against 29-30 when each size compiled
 its own). Fixed decode shapes by other means are not on offer in 0.9: its CPU decoders reject regions that
 reach past the image, and its GPU region decode has a reported 0.9 regression (INTERNAL_ERROR on A100, SIGSEGV on
