@@ -271,13 +271,13 @@ def _decode_slice(gpu_decode, batch: dict, device, rows: slice, *, config, norma
   n, size = rows.stop - rows.start, config.image_size
   keep = np.flatnonzero(batch["mask"][rows]) if "mask" in batch else np.arange(n)
   flips = batch["flip"][rows] if "flip" in batch else np.zeros(n, bool)
-  images = jnp.zeros((n, size, size, 3), jnp.float32, device=device)
+  images = None if len(keep) == n else jnp.zeros((n, size, size, 3), jnp.float32, device=device)  # padding
   if len(keep):
     encoded = batch["encoded"][rows]
     decoded = gpu_decode.augment_batch([encoded[i] for i in keep], batch["box"][rows][keep], flips[keep],
                                        size=size, mean=normalize[0], std=normalize[1],
                                        antialias=bool(config.get("antialias", False)), device=device)
-    images = decoded if len(keep) == n else images.at[keep].set(decoded)
+    images = decoded if images is None else images.at[keep].set(decoded)
   if erasing is not None:
     images = augment.random_erase(images, jax.device_put(batch["erase_key"][rows], device), erasing)
   return images
