@@ -167,11 +167,11 @@ def _code_streams(encoded) -> tuple[list, list]:
 
 def _decode_into(decoder, streams, targets, params):
   """Decodes streams[i] into targets[i] (a pooled image whose buffer is reused, or None: a buffer of its own)."""
-  pooled = [i for i, target in enumerate(targets) if target is not None]
+  reused = [i for i, target in enumerate(targets) if target is not None]
   own = [i for i, target in enumerate(targets) if target is None]
   images = [None] * len(streams)
-  if pooled:
-    for i, image in zip(pooled, decoder.decode([streams[i] for i in pooled], images=[targets[i] for i in pooled],
+  if reused:
+    for i, image in zip(reused, decoder.decode([streams[i] for i in reused], images=[targets[i] for i in reused],
                                                params=params)):
       images[i] = image
   if own:
@@ -180,10 +180,9 @@ def _decode_into(decoder, streams, targets, params):
   return images
 
 
-def _take_buffers(name, device_id, decoder, sizes) -> list:
+def _take_buffers(pool, decoder, sizes) -> list:
   """A released image from the pool for each size (None where there is no size: a large image), decoding a blank
   JPEG to make a buffer where the pool has none free."""
-  pool = _free_buffers(name, device_id)
   targets = [pool[nbytes].pop() if nbytes and pool[nbytes] else None for nbytes in sizes]
   missing = [i for i, (nbytes, target) in enumerate(zip(sizes, targets)) if nbytes and target is None]
   if missing:
@@ -232,7 +231,7 @@ def decode(encoded: list[bytes], device: jax.Device | None = None) -> list[devic
   streams, shapes = _code_streams(encoded)
   use_pool = pooled()
   sizes = [_buffer_size(*shape) if use_pool else None for shape in shapes]
-  images = _decode_into(decoder, streams, _take_buffers(name, device_id, decoder, sizes), _decode_params())
+  images = _decode_into(decoder, streams, _take_buffers(pool, decoder, sizes), _decode_params())
   out = []
   for i, (image, nbytes) in enumerate(zip(images, sizes)):
     if image is None:
