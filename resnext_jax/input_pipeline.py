@@ -274,9 +274,10 @@ def _decode_slice(gpu_decode, batch: dict, device, rows: slice, *, config, norma
   images = None if len(keep) == n else jnp.zeros((n, size, size, 3), jnp.float32, device=device)  # padding
   if len(keep):
     encoded = batch["encoded"][rows]
+    crops = batch["crop"][rows][keep] if "crop" in batch else None  # eval with antialias: torchvision's crop
     decoded = gpu_decode.augment_batch([encoded[i] for i in keep], batch["box"][rows][keep], flips[keep],
                                        size=size, mean=normalize[0], std=normalize[1],
-                                       antialias=bool(config.get("antialias", False)), device=device)
+                                       antialias=bool(config.get("antialias", False)), crops=crops, device=device)
     images = decoded if images is None else images.at[keep].set(decoded)
   if erasing is not None:
     images = augment.random_erase(images, jax.device_put(batch["erase_key"][rows], device), erasing)

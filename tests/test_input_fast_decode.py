@@ -17,6 +17,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from conftest import REPO, last_json, process_env, require_nvimgcodec, run_main
+from test_torch_weights import require_torch
 from resnext_jax import errors
 from resnext_jax import input_pipeline
 from resnext_jax.datasets import dct_scaling
@@ -106,7 +107,8 @@ def test_other_formats_give_the_windows_columns_of_the_whole_image():
 
 def test_fast_transforms_stay_close_to_the_legacy_ones():
   """Same windows (same seeds) and flips; the differences are the resize filter, DCT scaling and uint8 rounding:
-  small next to the difference another window makes."""
+  small next to the difference another window makes. (Eval with antialias is torchvision's transform, tested
+  against torchvision below; the legacy eval crops first.)"""
   kwargs = dict(augment="inception", size=96, crop_ratio=0.875, **_RAW)
   for h, w in ((375, 500), (900, 1200)):
     encoded = tf.constant(synthetic_jpegs.encode_jpeg(_photo(h, w)))
@@ -116,9 +118,100 @@ def test_fast_transforms_stay_close_to_the_legacy_ones():
       same = np.abs(new - old[s]).mean()
       other = min(np.abs(new - old[t]).mean() for t in range(4) if t != s)
       assert same < 0.4 * other, (h, w, s, same, other)
-    new = transforms.eval_image(encoded, size=96, crop_ratio=0.875, antialias=True, **_RAW).numpy()
-    old_eval = legacy_transforms.eval_image(encoded, size=96, crop_ratio=0.875, **_RAW).numpy()
-    assert np.abs(new - old_eval).mean() < 3.0
+
+
+# Sizes that exercise torchvision's geometry: crops reaching past the filter's window on neither side, on one (a
+# resize that leaves the image as it is), a long side that floors, a crop offset of x.5 (rounded half to even),
+# portrait and landscape, an image larger than 4x the output (the default transform would decode it at 1/2), a PNG.
+_TORCHVISION_EVAL_IMAGES = ((375, 500), (500, 333), (256, 300), (257, 257), (300, 401), (1100, 1500), (40, 900))
+
+
+def _torchvision_eval_cases():
+  rng = np.random.default_rng(7)
+  files = [synthetic_jpegs.encode_jpeg(synthetic_jpegs.photo_like(rng, h, w)) for h, w in _TORCHVISION_EVAL_IMAGES]
+  return files + [tf.io.encode_png(synthetic_jpegs.photo_like(rng, 90, 70)).numpy()]
+
+
+_TORCHVISION_EVAL = """
+import sys, io
+import numpy as np
+from PIL import Image
+import torchvision.transforms as T
+files, size = np.load(sys.argv[1], allow_pickle=True), int(sys.argv[2])
+out = {}
+for ratio in sys.argv[3:]:
+  if ratio == "None":
+    transform = T.Resize((size, size))
+  else:  # timm's crop_pct rule for the resize; 256 for 224 at 0.875, torchvision's reference
+    transform = T.Compose([T.Resize(int(np.floor(size / float(ratio) + 1e-6))), T.CenterCrop(size)])
+  out[ratio] = np.stack([np.asarray(transform(Image.open(io.BytesIO(f)).convert("RGB"))) for f in files["files"]])
+np.savez(sys.argv[1] + ".out.npz", **out)
+"""
+
+
+def test_antialiased_eval_is_torchvisions_eval_transform(tmp_path):
+  """config.antialias=True evaluates with torchvision's transform (Resize(floor(size / crop_ratio)), CenterCrop(size),
+  PIL's decode and filter), run by torchvision itself in a child process (torch must not share a process with
+  TensorFlow): every pixel within one grey level, the mean within PIL's fixed-point rounding."""
+  require_torch("torchvision")
+  files, size, ratios = _torchvision_eval_cases(), 64, ("0.875", str(224 / 232), "None")
+  path = str(tmp_path / "files.npz")
+  np.savez(path, files=np.array(files, dtype=object))
+  result = subprocess.run([sys.executable, "-c", _TORCHVISION_EVAL, path, str(size), *ratios], env=process_env(1),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  reference = np.load(path + ".out.npz")
+  for ratio in ratios:
+    crop_ratio = None if ratio == "None" else float(ratio)
+    ours = np.stack([transforms.eval_pixels(tf.constant(f), size=size, crop_ratio=crop_ratio, antialias=True).numpy()
+                     for f in files])
+    diff = np.abs(ours.astype(int) - reference[ratio].astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.25, (ratio, diff.max(), diff.reshape(len(files), -1).mean(1))
+
+
+def test_antialiased_eval_decodes_only_what_the_filter_reads():
+  """The window decode (rows and columns the filter reads, plus a margin) gives the pixels of the whole image's
+  resize with torchvision's geometry, to float rounding."""
+  size = 64
+  for encoded in _torchvision_eval_cases():
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    if tf.io.is_jpeg(encoded):
+      image = tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
+    h, w = image.shape[:2]
+    resize = int(size / 0.875)  # 73
+    new = (resize * h // w, resize) if w <= h else (resize, resize * w // h)
+    offset = [round((n - size) / 2) for n in new]
+    whole = tf.raw_ops.ScaleAndTranslate(images=image[None], size=[size, size], scale=[new[0] / h, new[1] / w],
+                                         translation=[-float(offset[0]), -float(offset[1])], kernel_type="triangle",
+                                         antialias=True)[0]
+    ours = transforms.eval_pixels(tf.constant(encoded), size=size, crop_ratio=0.875, antialias=True).numpy()
+    diff = np.abs(ours.astype(int) - transforms.to_uint8(whole).numpy().astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01, ((h, w), diff.max(), diff.mean())
+
+
+def test_device_augment_takes_torchvisions_eval_crop():
+  """decode_on_device's eval with antialias: the host's crop (torchvision_eval_crop) resampled on the device from
+  the image decoded as the host decodes it equals the host's torchvision_eval_pixels to its uint8 rounding; a
+  window larger than the device's canvas (rare: large images, whole-image resizes) is averaged over r x r blocks
+  first, a little smoother."""
+  size, averaged = 64, 0
+  for encoded in _torchvision_eval_cases():
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    if tf.io.is_jpeg(encoded):
+      image = tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
+    for crop_ratio in (0.875, None):
+      box, crop = transforms.torchvision_eval_crop(tf.constant(encoded), size=size, crop_ratio=crop_ratio)
+      device = device_augment.crop_resize_flip([image.numpy()], box.numpy()[None], np.array([False]), size=size,
+                                               antialias=True, crops=crop.numpy()[None])[0]
+      host = transforms.eval_pixels(tf.constant(encoded), size=size, crop_ratio=crop_ratio, antialias=True).numpy()
+      diff = np.abs(np.asarray(device) - host)
+      r, _, extent = device_augment.plan(box.numpy(), size, True, full_scale=True)
+      if r == 1:
+        assert diff.max() <= 0.5 + 2e-3, (image.shape, crop_ratio, diff.max())
+      elif min(extent) >= size:  # (not the 40 x 900 panorama squashed whole: 10 rows left at 1/4 for 64)
+        averaged += 1
+        assert diff.mean() < 0.6, (image.shape, crop_ratio, diff.mean())
+  assert averaged == 5  # windows of 2 x 2, 4 x 4 and 8 x 8 blocks were compared too
 
 
 @pytest.mark.parametrize("antialias", [False, True])
@@ -328,6 +421,26 @@ def test_decode_on_device_runs_the_whole_pipeline_with_nvimgcodecs_cpu_backend(t
     assert diff.mean() < 2.0 and np.percentile(diff, 99) < 16, (diff.mean(), np.percentile(diff, 99))
   # Another step's batch (other crops and flips) is far from this one's: the comparison above can fail.
   assert np.abs(device[0][0] - host[1][0]).mean() > 10
+
+
+def test_decode_on_device_evaluates_with_torchvisions_crop(tmp_path, monkeypatch):
+  """config.decode_on_device with antialias=True: the eval batches are the host's (torchvision's eval transform)
+  but for the decoders' rounding, with nvImageCodec's CPU backend decoding."""
+  require_nvimgcodec()
+  monkeypatch.setenv("RESNEXT_JAX_DECODE_BACKEND", "cpu")
+  write_image_folder(str(tmp_path), [(300, 200), (90, 120), (260, 400), (100, 100), (375, 500), (64, 64)])
+  config = default.get_config()
+  config.update(dataset="imagefolder", data_dir=str(tmp_path), eval_split="train", image_size=48,
+                eval_batch_size=4, antialias=True)
+  batches = {}
+  for on_device in (False, True):
+    config.decode_on_device = on_device
+    batches[on_device] = list(input_pipeline.create_eval_iterator(config, _mesh()))
+  scale, _ = normalization.normalization(transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)
+  for host, device in zip(batches[False], batches[True]):
+    np.testing.assert_array_equal(host["mask"], device["mask"])
+    diff = np.abs(np.asarray(host["image"]) - np.asarray(device["image"])) / scale
+    assert diff.mean() < 0.5 and diff.max() < 4, (diff.mean(), diff.max())
 
 
 _FOUR_DEVICES = """

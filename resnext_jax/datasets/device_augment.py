@@ -28,6 +28,10 @@ The canvas holds any window the host path would decode: the host picks r so that
 2 * min_size at 1/r (for r < 8), and Inception boxes have aspect ratios within 3:4..4:3, so both sides fit in
 8/3 * min_size. A box that does not fit (a whole-image fallback crop of a panorama, a box 8x min_size at 1/8) is
 averaged at the next power of two that fits: a smoother input than the host's, for those rare boxes only.
+Evaluation with antialias is torchvision's transform (transforms.torchvision_eval_pixels), whose filter reads past
+its crop: the host sends the window the filter reads as the box, and the crop's scale and origin (`crops`); the
+window is taken at full scale where the canvas holds it (at 224, 256: shorter sides up to ~1,350 px), and the resize
+samples the crop from it.
 """
 
 import functools
@@ -45,13 +49,14 @@ def canvas_size(size: int, antialias: bool) -> int:
   return -(-8 * decode_min_size(size, antialias) // 48) * 16
 
 
-def plan(box, size: int, antialias: bool) -> tuple[int, tuple[int, int], tuple[int, int]]:
+def plan(box, size: int, antialias: bool, full_scale: bool = False) -> tuple[int, tuple[int, int], tuple[int, int]]:
   """(r, origin, extent) for a box (y0, x0, y1, x1) in full-size pixels: the image is averaged over r x r blocks,
   and the window [origin, origin + extent) of that 1/r image is the box as the host decodes it (snapped outward
-  to the r-grid, transforms.snap_window; its last row or column partial where the box reaches the image's edge)."""
+  to the r-grid, transforms.snap_window; its last row or column partial where the box reaches the image's edge).
+  full_scale: r = 1 wherever the canvas holds the box (the host decodes torchvision's eval crop at full scale)."""
   y0, x0, y1, x1 = (int(v) for v in box)
   canvas = canvas_size(size, antialias)
-  r = dct_scale(y1 - y0, x1 - x0, decode_min_size(size, antialias))
+  r = 1 if full_scale else dct_scale(y1 - y0, x1 - x0, decode_min_size(size, antialias))
   while -(-y1 // r) - y0 // r > canvas or -(-x1 // r) - x0 // r > canvas:
     r *= 2
   origin = (y0 // r, x0 // r)
@@ -107,13 +112,20 @@ def window(buffer: jax.Array, geometry, *, r: int, canvas: int, channels: int) -
   return jnp.where(inside, pixels, jnp.zeros((), jnp.uint8))
 
 
-def _taps(extent, out_size: int, canvas: int, antialias: bool):
+def _taps(extent, out_size: int, canvas: int, antialias: bool, crop=None):
   """(indices, weights), each (out_size, K): the pixels of [0, extent) each output pixel reads and their weights,
-  as `jax.image.scale_and_translate`'s triangle kernel (stretched by the reduction factor when antialiasing)."""
-  scale = out_size / extent.astype(jnp.float32)  # output pixels per input pixel
+  as `jax.image.scale_and_translate`'s triangle kernel (stretched by the reduction factor when antialiasing).
+  The output spans [0, extent), or with crop = (scale, start) starts at `start` with `scale` output pixels per
+  input pixel (taps still only inside [0, extent), their weights renormalised at its edges, as TF's and PIL's)."""
+  if crop is None:
+    scale = out_size / extent.astype(jnp.float32)  # output pixels per input pixel
+  else:
+    scale, start = crop
   kernel_scale = jnp.maximum(1.0 / scale, 1.0) if antialias else 1.0
   taps = 2 * -(-canvas // out_size) + 2 if antialias else 3  # >= the kernel's support, 2 * kernel_scale + 1
   sample = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) / scale - 0.5
+  if crop is not None:
+    sample = sample + start
   pixels = jnp.floor(sample - kernel_scale).astype(jnp.int32)[:, None] + 1 + jnp.arange(taps)[None, :]
   weights = jnp.maximum(0.0, 1.0 - jnp.abs(sample[:, None] - pixels) / kernel_scale)
   weights = jnp.where((pixels >= 0) & (pixels < extent), weights, 0.0)
@@ -121,35 +133,45 @@ def _taps(extent, out_size: int, canvas: int, antialias: bool):
   return jnp.clip(pixels, 0, canvas - 1), weights
 
 
-def _resize_one(canvas, extent, flip, *, size: int, antialias: bool):
+def _resize_one(canvas, extent, flip, crop, *, size: int, antialias: bool):
   """Gathers from the uint8 canvas and converts after: converting the canvas first made XLA:CPU hold a float copy
   (antialiased, canvas 1200: 16.5 MB of temporaries per image, against 0.06 MB)."""
-  rows_at, rows_w = _taps(extent[0], size, canvas.shape[0], antialias)
+  rows_at, rows_w = _taps(extent[0], size, canvas.shape[0], antialias, None if crop is None else crop[0::2])
   rows = sum(rows_w[:, k, None, None] * canvas[rows_at[:, k]] for k in range(rows_at.shape[1]))  # uint8 -> float
-  cols_at, cols_w = _taps(extent[1], size, canvas.shape[1], antialias)
+  cols_at, cols_w = _taps(extent[1], size, canvas.shape[1], antialias, None if crop is None else crop[1::2])
   cols_at, cols_w = jnp.where(flip, cols_at[::-1], cols_at), jnp.where(flip, cols_w[::-1], cols_w)
   return sum(cols_w[None, :, k, None] * rows[:, cols_at[:, k]] for k in range(cols_at.shape[1]))
 
 
 @functools.partial(jax.jit, static_argnames=("size", "antialias"))
-def resize_windows(windows: jax.Array, extents: jax.Array, flips: jax.Array, *, size: int,
-                   antialias: bool = False) -> jax.Array:
+def resize_windows(windows: jax.Array, extents: jax.Array, flips: jax.Array, crops: jax.Array | None = None, *,
+                   size: int, antialias: bool = False) -> jax.Array:
   """windows (B, canvas, canvas, C) from `window`, extents (B, 2) int (the window's height and width), flips (B,)
-  bool -> float32 (B, size, size, C) in the windows' value range (0..255), not rounded."""
-  return jax.vmap(functools.partial(_resize_one, size=size, antialias=antialias))(windows, extents, flips)
+  bool -> float32 (B, size, size, C) in the windows' value range (0..255), not rounded. Each window is resized
+  whole, or with crops (B, 4) float32 (scale y, scale x, start y, start x; see _taps) a crop of it."""
+  return jax.vmap(functools.partial(_resize_one, size=size, antialias=antialias))(windows, extents, flips, crops)
 
 
-def crop_resize_flip(images, boxes, flips, *, size: int, antialias: bool = False) -> jax.Array:
+def crop_resize_flip(images, boxes, flips, *, size: int, antialias: bool = False, crops=None) -> jax.Array:
   """images: a sequence of Decoded images or (H, W, C) arrays, any sizes, or one (B, H, W, C) array; boxes (B, 4)
   int [y0, x0, y1, x1] in each image's pixels, inside it; flips (B,) bool -> float32 (B, size, size, C), not
-  rounded. One `window` dispatch per image (the boxes are read on the host), one `resize_windows` for the batch."""
+  rounded. One `window` dispatch per image (the boxes are read on the host), one `resize_windows` for the batch.
+
+  Each box is resized whole; or, with crops (B, 4) float (scale y, scale x, origin y, origin x: output pixels per
+  image pixel, and the crop's origin in image pixels from the box's), the crop is resampled from its box, which
+  is then what the filter reads, at full scale where the canvas holds it: torchvision's eval geometry, as
+  transforms.torchvision_eval_crop computes it."""
   canvas = canvas_size(size, antialias)
-  windows, extents = [], []
-  for image, box in zip(images, np.asarray(boxes)):
+  windows, extents, canvas_crops = [], [], []
+  for i, (image, box) in enumerate(zip(images, np.asarray(boxes))):
     image = Decoded.of(image)
-    r, origin, extent = plan(box, size, antialias)
+    r, origin, extent = plan(box, size, antialias, full_scale=crops is not None)
     geometry = np.array([image.height, image.width, image.pitch, *origin], np.int32)
     windows.append(window(image.buffer, geometry, r=r, canvas=canvas, channels=image.channels))
     extents.append(extent)
-  return resize_windows(jnp.stack(windows), jnp.asarray(extents, jnp.int32), jnp.asarray(flips), size=size,
+    if crops is not None:  # in the canvas's 1/r pixels
+      scale, start = np.asarray(crops[i][:2], np.float64), np.asarray(crops[i][2:], np.float64)
+      canvas_crops.append([*(scale * r), *((box[:2] + start) / r - origin)])
+  crops = None if crops is None else jnp.asarray(canvas_crops, jnp.float32)
+  return resize_windows(jnp.stack(windows), jnp.asarray(extents, jnp.int32), jnp.asarray(flips), crops, size=size,
                         antialias=antialias)

@@ -249,10 +249,12 @@ def decode(encoded: list[bytes], device: jax.Device | None = None) -> list[devic
   return out
 
 
-def augment_batch(encoded, boxes, flips, *, size: int, mean, std, antialias: bool = False,
+def augment_batch(encoded, boxes, flips, *, size: int, mean, std, antialias: bool = False, crops=None,
                   device: jax.Device | None = None) -> jax.Array:
-  """A host batch (encoded bytes, boxes (B, 4), flips (B,)) -> normalised float32 (B, size, size, 3), decoded and
-  augmented on `device` (default: the first local one)."""
+  """A host batch (encoded bytes, boxes (B, 4), flips (B,)[, crops (B, 4)]) -> normalised float32
+  (B, size, size, 3), decoded and augmented on `device` (default: the first local one); see
+  device_augment.crop_resize_flip."""
   scale, offset = normalization.normalization(mean, std)
-  pixels = device_augment.crop_resize_flip(decode(encoded, device), boxes, flips, size=size, antialias=antialias)
+  pixels = device_augment.crop_resize_flip(decode(encoded, device), boxes, flips, size=size, antialias=antialias,
+                                           crops=crops)
   return pixels * jnp.asarray(scale) + jnp.asarray(offset)

@@ -148,11 +148,11 @@ def eval_dataset(source: sources.Source, config, *, process_index: int, process_
   if config.cache:
     ds = _cache(ds, None if encoded or is_legacy(config) else transform)
   if encoded:
-    crop_ratio = sources.transform_style(config)["eval_crop_ratio"]
-    ds = _map(ds, lambda ex: {"encoded": ex["image"], "box": transforms.eval_box(ex["image"], crop_ratio=crop_ratio),
+    ds = _map(ds, lambda ex: {"encoded": ex["image"], **_eval_boxes(ex["image"], config),
                               "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True)},
               num_parallel_calls=tf.data.AUTOTUNE)
-    padding = tf.data.Dataset.from_tensors({"encoded": tf.constant(b""), "box": tf.zeros([4], tf.int32),
+    blank = {"box": tf.zeros([4], tf.int32), **({"crop": tf.zeros([4], tf.float32)} if antialias(config) else {})}
+    padding = tf.data.Dataset.from_tensors({"encoded": tf.constant(b""), **blank,
                                             "label": tf.constant(0), "mask": tf.constant(False)}).repeat()
     ds = ds.concatenate(padding).take(num_batches * local_batch)
     return _finish(ds.batch(local_batch, drop_remainder=True))
@@ -164,6 +164,16 @@ def eval_dataset(source: sources.Source, config, *, process_index: int, process_
                                           "label": tf.constant(0), "mask": tf.constant(False)}).repeat()
   ds = ds.concatenate(padding).take(num_batches * local_batch)
   return _finish(ds.batch(local_batch, drop_remainder=True))
+
+
+def _eval_boxes(encoded, config) -> dict:
+  """What the device path needs to evaluate an image as the host does: {'box'}, the region to resize, or with
+  antialias (torchvision's eval transform) {'box', 'crop'} (transforms.torchvision_eval_crop)."""
+  crop_ratio = sources.transform_style(config)["eval_crop_ratio"]
+  if antialias(config):
+    box, crop = transforms.torchvision_eval_crop(encoded, size=config.image_size, crop_ratio=crop_ratio)
+    return {"box": box, "crop": crop}
+  return {"box": transforms.eval_box(encoded, crop_ratio=crop_ratio)}
 
 
 def eval_transform(style: dict, config):

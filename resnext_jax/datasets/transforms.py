@@ -19,7 +19,10 @@ cannot be skipped, so everything else is made cheap:
   work per pixel beyond the resize and ships 4x fewer bytes.
 Other formats (PNG, BMP, GIF) are decoded whole and then sliced. `legacy_transforms` keeps the previous
 transforms (full-resolution crop, antialiased float resize, host normalisation) for comparison.
+With `antialias=True`, evaluation is torchvision's own transform, to a grey level (`torchvision_eval_pixels`).
 """
+
+import math
 
 import tensorflow as tf
 
@@ -269,12 +272,81 @@ def eval_box(encoded, *, crop_ratio: float | None):
 
 
 def eval_pixels(encoded, *, size: int, crop_ratio: float | None, antialias: bool = False) -> tf.Tensor:
-  """Evaluation transform -> uint8: center crop (crop_ratio) and resize, or a plain resize when crop_ratio is None."""
+  """Evaluation transform -> uint8: center crop (crop_ratio) and resize, or a plain resize when crop_ratio is None.
+  With antialias, torchvision's own (`torchvision_eval_pixels`)."""
+  if antialias:
+    return torchvision_eval_pixels(encoded, size=size, crop_ratio=crop_ratio)
   min_size = decode_min_size(size, antialias)
   if crop_ratio is None:
     return _resize_whole(decode_window(encoded, full_window, min_size), size, antialias)
   pixels, columns = decode_window_columns(encoded, center_window(crop_ratio), min_size)
   return resize_to_uint8(pixels, size, antialias, columns=columns)
+
+
+def torchvision_eval_pixels(encoded, *, size: int, crop_ratio: float | None) -> tf.Tensor:
+  """torchvision's evaluation transform on a PIL image -> uint8 (size, size, 3): Resize(floor(size / crop_ratio)),
+  then CenterCrop(size) (256 and 224 for crop_ratio 0.875; timm's `crop_pct` rule), or Resize((size, size)) where
+  crop_ratio is None.
+
+  The same geometry (the long side's length floored, the crop's offsets rounded half to even, as torchvision
+  computes them), the same filter (PIL's antialiased bilinear, which reads past the crop's edges), and PIL's JPEG
+  decode (libjpeg's accurate integer IDCT, at full scale): so the pixels are torchvision's but for PIL's fixed-point
+  rounding, 0.165 grey levels (of 255) mean and at most 1 on 120 ImageNet-like JPEGs at 224
+  (benchmarks/torchvision_parity.py). A crop-first eval with this filter (the legacy transforms') is 6.65 apart:
+  its window is up to a pixel off torchvision's crop, and its IDCT is the fast one. Only the rows and columns the
+  filter reads are decoded."""
+  (start, end), (scale, origin) = _torchvision_eval_geometry(encoded, size, crop_ratio)
+
+  def jpeg():
+    window = tf.concat([start, end - start], 0)
+    return tf.image.decode_and_crop_jpeg(encoded, window, channels=3, dct_method="INTEGER_ACCURATE")
+
+  pixels = tf.cond(tf.io.is_jpeg(encoded), jpeg,
+                   lambda: decode(encoded)[start[0]:end[0], start[1]:end[1]])
+  out = tf.raw_ops.ScaleAndTranslate(images=pixels[None], size=[size, size], scale=tf.cast(scale, tf.float32),
+                                     translation=tf.cast(-scale * origin, tf.float32), kernel_type="triangle",
+                                     antialias=True)[0]
+  return tf.ensure_shape(to_uint8(out), (size, size, 3))
+
+
+def torchvision_eval_crop(encoded, *, size: int, crop_ratio: float | None):
+  """(box, crop) of torchvision_eval_pixels, for the device path (device_augment.crop_resize_flip): box int32
+  [y0, x0, y1, x1], the pixels the filter reads; crop float32 [scale y, scale x, origin y, origin x], the resize's
+  scale and the crop's origin in image pixels from the box's."""
+  (start, end), (scale, origin) = _torchvision_eval_geometry(encoded, size, crop_ratio)
+  return tf.concat([start, end], 0), tf.cast(tf.concat([scale, origin], 0), tf.float32)
+
+
+def _torchvision_eval_geometry(encoded, size: int, crop_ratio: float | None):
+  """((start, end) int32, (scale, origin) float64), each (y, x): the window the filter reads, torchvision's resize
+  scale, and its crop's origin in image pixels from the window's start."""
+  shape = image_shape(encoded)
+  scale, offset = _torchvision_resize_and_crop(shape, size, crop_ratio)
+  start, end = _filter_window(shape, scale, offset, size)
+  return (start, end), (scale, offset / scale - tf.cast(start, tf.float64))
+
+
+def _torchvision_resize_and_crop(shape, size: int, crop_ratio: float | None):
+  """(scale, offset), float64 (y, x) each: torchvision's Resize scales the image by `scale`, and its CenterCrop
+  starts at `offset` in the resized image (torchvision.transforms.functional: `_compute_resized_output_size`,
+  `center_crop`)."""
+  hw = tf.cast(shape[:2], tf.float64)
+  if crop_ratio is None:
+    return size / hw, tf.zeros([2], tf.float64)
+  resize = tf.constant(math.floor(size / crop_ratio + 1e-6), tf.float64)  # + 1e-6: 224 / (224 / 232) < 232
+  short, long = tf.reduce_min(hw), tf.reduce_max(hw)
+  new_long = tf.floor(resize * long / short)  # torchvision: int(new_short * long / short)
+  resized = tf.where(hw[1] <= hw[0], tf.stack([new_long, resize]), tf.stack([resize, new_long]))
+  return resized / hw, tf.round((resized - size) / 2)  # tf.round rounds half to even, as Python's round
+
+
+def _filter_window(shape, scale, offset, size: int):
+  """(start, end), int32 (y, x) each: the source pixels the antialiased filter reads for the crop, plus 2 on each
+  side (a cropped JPEG decode may upsample its last column differently), within the image."""
+  support = tf.maximum(1.0 / scale, 1.0)  # the triangle's radius in source pixels: PIL widens it when reducing
+  start = tf.maximum(tf.floor(offset / scale - support) - 2, 0.0)
+  end = tf.minimum(tf.math.ceil((offset + size) / scale + support) + 2, tf.cast(shape[:2], tf.float64))
+  return tf.cast(start, tf.int32), tf.cast(end, tf.int32)
 
 
 def _resize_whole(image, size, antialias):
