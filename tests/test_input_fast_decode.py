@@ -169,6 +169,17 @@ def test_antialiased_eval_is_torchvisions_eval_transform(tmp_path):
     assert diff.max() <= 1 and diff.mean() < 0.25, (ratio, diff.max(), diff.reshape(len(files), -1).mean(1))
 
 
+def test_torchvision_parity_benchmark():
+  """benchmarks/torchvision_parity.py, whose figures docs/input_pipeline.md gives, runs and says the same."""
+  require_torch("torchvision")
+  result = subprocess.run([sys.executable, "benchmarks/torchvision_parity.py", "--num_images", "3", "--image_size",
+                           "64"], env=process_env(1), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  figures = last_json(result.stdout)
+  assert figures["antialias_vs_torchvision"] < 0.25 and figures["antialias_vs_torchvision_max"] <= 1, figures
+  assert figures["legacy_vs_torchvision"] > 4 * figures["antialias_vs_torchvision"], figures
+
+
 def test_antialiased_eval_decodes_only_what_the_filter_reads():
   """The window decode (rows and columns the filter reads, plus a margin) gives the pixels of the whole image's
   resize with torchvision's geometry, to float rounding."""
