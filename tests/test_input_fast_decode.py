@@ -557,6 +557,7 @@ def test_gpu_check_script_dry_run(tmp_path):
   require_nvimgcodec()
   env = process_env(1, RESNEXT_JAX_DECODE_BACKEND="cpu", NUM_IMAGES="6", BATCH_SIZE="3", MODEL="resnext11_4x16d",
                     DTYPE="float32", COMPARE_TORCH="0", STEPS="1")
+  env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]  # its python3: this one, venv or not
   result = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path)], cwd=REPO, capture_output=True,
                           text=True, timeout=600, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
