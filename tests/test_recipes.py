@@ -99,6 +99,7 @@ def test_torchvision_v2_recipe():
   eval_size = input_pipeline.eval_image_size(c)
   assert (c.image_size, eval_size, round(eval_size / c.crop_ratio)) == (
       176, 224, 232)  # train crop 176, val resize 232, val crop 224
+  assert c.antialias  # torchvision's own eval transform (transforms.torchvision_eval_pixels)
   assert optim.peak_learning_rate(c) == 0.5 and c.batch_size == 1024 and c.optimizer == "sgd"
   assert (c.auto_augment, c.reprob, c.aug_repeats, c.label_smoothing, c.mixup_alpha, c.cutmix_alpha) == (
       "trivial", 0.1, 4, 0.1, 0.2, 1.0)
