@@ -34,7 +34,7 @@ def get_config():
   c.cache = False
   c.prefetch = 2
   c.strict_decode = False         # imagefolder: raise on an undecodable file instead of skipping it
-  c.antialias = False             # resize with PIL's / torchvision's antialiased filter (slower; see docs)
+  c.antialias = False             # PIL's antialiased filter and torchvision's eval transform (slower; see docs)
   c.pre_resize = 0                # > 0: read a stored copy with shorter sides <= this (imagenet2012, imagefolder)
   c.pre_resize_quality = 90       # JPEG quality of that copy
   c.input_transform = "fast"      # fast | legacy (the previous transforms, for comparisons)
