@@ -120,9 +120,9 @@ def test_fast_transforms_stay_close_to_the_legacy_ones():
       assert same < 0.4 * other, (h, w, s, same, other)
 
 
-# Sizes that exercise torchvision's geometry: crops reaching past the filter's window on neither side, on one (a
-# resize that leaves the image as it is), a long side that floors, a crop offset of x.5 (rounded half to even),
-# portrait and landscape, an image larger than 4x the output (the default transform would decode it at 1/2), a PNG.
+# Sizes that exercise torchvision's geometry (at 64): landscape, portrait and square, long sides that floor, crop
+# offsets of x.5 (rounded half to even: 375 x 500, 256 x 300), filter windows clamped at the image's edges (40 x 900,
+# whole-image resizes), an image over 4x the output (the default transform would decode it at 1/2), a PNG.
 _TORCHVISION_EVAL_IMAGES = ((375, 500), (500, 333), (256, 300), (257, 257), (300, 401), (1100, 1500), (40, 900))
 
 
