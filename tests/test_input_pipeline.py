@@ -207,6 +207,13 @@ def test_config_errors(data_dir, overrides, message):
       input_pipeline.get_dataset_info(config)
 
 
+@pytest.mark.parametrize("crop_ratio", [0.0, -0.5, 1.2])
+def test_crop_ratio_outside_0_1_is_a_config_error(tmp_path, crop_ratio):
+  config = digits_pipeline_config(str(tmp_path), dataset="imagenet2012", image_size=224, crop_ratio=crop_ratio)
+  with pytest.raises(errors.ConfigError, match=r"config.crop_ratio must be in \(0, 1\]"):
+    input_pipeline.preprocess_eval_image(b"", config)
+
+
 def test_imagenet_not_prepared_says_what_to_do(tmp_path):
   with pytest.raises(errors.DataError) as error:
     input_pipeline.get_dataset_info(digits_pipeline_config(str(tmp_path), dataset="imagenet2012"))

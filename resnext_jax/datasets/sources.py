@@ -17,6 +17,7 @@ from resnext_jax.datasets import transforms
 from resnext_jax.datasets.errors import DataError
 from resnext_jax.datasets.image_folder import LocalImageFolder
 from resnext_jax.datasets.sklearn_digits import SklearnDigits
+from resnext_jax.errors import ConfigError
 
 TFDS_DATASETS = ("imagenet2012", "cifar10", "cifar100", "sklearn_digits", "imagefolder")
 DATASETS = TFDS_DATASETS + ("synthetic",)
@@ -50,6 +51,9 @@ def transform_style(config) -> dict:
   if name == "sklearn_digits":
     style = dict(augment="none", eval_crop_ratio=None, mean=transforms.DIGITS_MEAN, std=transforms.DIGITS_STD)
   elif name in ("imagefolder", "imagenet2012"):
+    if not 0 < config.crop_ratio <= 1:
+      raise ConfigError(f"config.crop_ratio must be in (0, 1] (eval resizes the shorter side to image_size / "
+                        f"crop_ratio, then crops the center image_size), got {config.crop_ratio}")
     style = dict(augment="inception", eval_crop_ratio=config.crop_ratio,
                  mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD)
   elif name in ("cifar10", "cifar100"):
