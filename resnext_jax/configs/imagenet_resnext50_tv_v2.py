@@ -18,7 +18,9 @@ probability 0.1 (torchvision's RandomErasing fills with 0: remode='const'), repe
 train crops at 176 (Inception-style random resized crop + flip), eval: resize the shorter side to 232, center 224
 (eval_image_size 224, crop_ratio 224/232), an EMA of the weights. antialias=True: PIL's antialiased bilinear, as
 torchvision's reference scripts resize PIL images, and torchvision's eval transform itself (within one grey level:
-docs/input_pipeline.md), so that the published 81.20% compares.
+docs/input_pipeline.md), so that the published 81.20% compares. Its price is host CPU: the antialiased train
+transform does ~0.4x the default's images per core (406-436 against ~1,000 per CPU-second on a 2-core Zen 4,
+benchmarks/input_pipeline_benchmark.py); GPU hosts short of cores can set decode_on_device.
 
 Differences, each stated: torchvision warms up from 0.01 x lr (--lr-warmup-decay 0.01), here from 0 (optim.py);
 --norm-weight-decay 0 exempts only normalisation layers, weight_decay_bn_and_bias=False also exempts the one bias
