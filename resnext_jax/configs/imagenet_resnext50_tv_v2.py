@@ -19,7 +19,7 @@ train crops at 176 (Inception-style random resized crop + flip), eval: resize th
 (eval_image_size 224, crop_ratio 224/232), an EMA of the weights. antialias=True: PIL's antialiased bilinear, as
 torchvision's reference scripts resize PIL images, and torchvision's eval transform itself (within one grey level:
 docs/input_pipeline.md), so that the published 81.20% compares. Its price is host CPU: the antialiased train
-transform does ~0.4x the default's images per core (406-436 against ~1,000 per CPU-second on a 2-core Zen 4,
+transform does ~0.4x the default's images per core (360-436 against 1,000-1,014 per CPU-second, 2-core Zen 4,
 benchmarks/input_pipeline_benchmark.py); GPU hosts short of cores can set decode_on_device.
 
 Differences, each stated: torchvision warms up from 0.01 x lr (--lr-warmup-decay 0.01), here from 0 (optim.py);
