@@ -333,7 +333,7 @@ def _torchvision_resize_and_crop(shape, size: int, crop_ratio: float | None):
   hw = tf.cast(shape[:2], tf.float64)
   if crop_ratio is None:
     return size / hw, tf.zeros([2], tf.float64)
-  resize = tf.constant(math.floor(size / crop_ratio + 1e-6), tf.float64)  # + 1e-6: 224 / (224 / 232) < 232
+  resize = tf.constant(math.floor(size / crop_ratio + 1e-6), tf.float64)  # + 1e-6: 160 / (160 / 232) < 232
   short, long = tf.reduce_min(hw), tf.reduce_max(hw)
   new_long = tf.floor(resize * long / short)  # torchvision: int(new_short * long / short)
   resized = tf.where(hw[1] <= hw[0], tf.stack([new_long, resize]), tf.stack([resize, new_long]))
