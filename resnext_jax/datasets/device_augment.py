@@ -117,15 +117,11 @@ def _taps(extent, out_size: int, canvas: int, antialias: bool, crop=None):
   as `jax.image.scale_and_translate`'s triangle kernel (stretched by the reduction factor when antialiasing).
   The output spans [0, extent), or with crop = (scale, start) starts at `start` with `scale` output pixels per
   input pixel (taps still only inside [0, extent), their weights renormalised at its edges, as TF's and PIL's)."""
-  if crop is None:
-    scale = out_size / extent.astype(jnp.float32)  # output pixels per input pixel
-  else:
-    scale, start = crop
+  # output pixels per input pixel, and where the output starts (adding 0.0 leaves the samples bit for bit)
+  scale, start = (out_size / extent.astype(jnp.float32), 0.0) if crop is None else crop
   kernel_scale = jnp.maximum(1.0 / scale, 1.0) if antialias else 1.0
   taps = 2 * -(-canvas // out_size) + 2 if antialias else 3  # >= the kernel's support, 2 * kernel_scale + 1
-  sample = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) / scale - 0.5
-  if crop is not None:
-    sample = sample + start
+  sample = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) / scale - 0.5 + start
   pixels = jnp.floor(sample - kernel_scale).astype(jnp.int32)[:, None] + 1 + jnp.arange(taps)[None, :]
   weights = jnp.maximum(0.0, 1.0 - jnp.abs(sample[:, None] - pixels) / kernel_scale)
   weights = jnp.where((pixels >= 0) & (pixels < extent), weights, 0.0)
