@@ -151,9 +151,8 @@ def eval_dataset(source: sources.Source, config, *, process_index: int, process_
     ds = _map(ds, lambda ex: {"encoded": ex["image"], **_eval_boxes(ex["image"], config),
                               "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True)},
               num_parallel_calls=tf.data.AUTOTUNE)
-    blank = {"box": tf.zeros([4], tf.int32), **({"crop": tf.zeros([4], tf.float32)} if antialias(config) else {})}
-    padding = tf.data.Dataset.from_tensors({"encoded": tf.constant(b""), **blank,
-                                            "label": tf.constant(0), "mask": tf.constant(False)}).repeat()
+    blank = {key: tf.zeros(spec.shape, spec.dtype) for key, spec in ds.element_spec.items()}  # b"" for the bytes
+    padding = tf.data.Dataset.from_tensors({**blank, "mask": tf.constant(False)}).repeat()
     ds = ds.concatenate(padding).take(num_batches * local_batch)
     return _finish(ds.batch(local_batch, drop_remainder=True))
   ds = _map(ds, lambda ex: {"image": ex["pixels"] if "pixels" in ex else transform(ex["image"]),
