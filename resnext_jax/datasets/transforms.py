@@ -276,11 +276,11 @@ def eval_pixels(encoded, *, size: int, crop_ratio: float | None, antialias: bool
   With antialias, torchvision's own (`torchvision_eval_pixels`)."""
   if antialias:
     return torchvision_eval_pixels(encoded, size=size, crop_ratio=crop_ratio)
-  min_size = decode_min_size(size, antialias)
+  min_size = decode_min_size(size, antialias=False)
   if crop_ratio is None:
-    return _resize_whole(decode_window(encoded, full_window, min_size), size, antialias)
+    return _resize_whole(decode_window(encoded, full_window, min_size), size, antialias=False)
   pixels, columns = decode_window_columns(encoded, center_window(crop_ratio), min_size)
-  return resize_to_uint8(pixels, size, antialias, columns=columns)
+  return resize_to_uint8(pixels, size, columns=columns)
 
 
 def torchvision_eval_pixels(encoded, *, size: int, crop_ratio: float | None) -> tf.Tensor:
