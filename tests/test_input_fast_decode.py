@@ -132,6 +132,13 @@ def _torchvision_eval_cases():
   return files + [tf.io.encode_png(synthetic_jpegs.photo_like(rng, 90, 70)).numpy()]
 
 
+def _decoded_as_pil_does(encoded) -> tf.Tensor:
+  """The whole image, JPEGs with libjpeg's accurate IDCT (PIL's, and torchvision_eval_pixels')."""
+  if tf.io.is_jpeg(encoded):
+    return tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
+  return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+
 _TORCHVISION_EVAL = """
 import sys, io
 import numpy as np
@@ -185,9 +192,7 @@ def test_antialiased_eval_decodes_only_what_the_filter_reads():
   resize with torchvision's geometry, to float rounding."""
   size = 64
   for encoded in _torchvision_eval_cases():
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    if tf.io.is_jpeg(encoded):
-      image = tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
+    image = _decoded_as_pil_does(encoded)
     h, w = image.shape[:2]
     resize = int(size / 0.875)  # 73
     new = (resize * h // w, resize) if w <= h else (resize, resize * w // h)
@@ -207,9 +212,7 @@ def test_device_augment_takes_torchvisions_eval_crop():
   first, a little smoother."""
   size, averaged = 64, 0
   for encoded in _torchvision_eval_cases():
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    if tf.io.is_jpeg(encoded):
-      image = tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
+    image = _decoded_as_pil_does(encoded)
     for crop_ratio in (0.875, None):
       box, crop = transforms.torchvision_eval_crop(tf.constant(encoded), size=size, crop_ratio=crop_ratio)
       device = device_augment.crop_resize_flip([image.numpy()], box.numpy()[None], np.array([False]), size=size,
