@@ -27,9 +27,7 @@ a GPU's decode needs.
 import argparse
 import json
 import os
-import platform
 import sys
-import time
 
 import ml_collections
 import numpy as np
@@ -40,55 +38,9 @@ if REPO not in sys.path:
 
 from resnext_jax.datasets import synthetic_jpegs  # pylint: disable=wrong-import-position
 
+from pipeline_timing import cached_eval_stream, cpu_model, timed_rounds  # pylint: disable=wrong-import-position
+
 DEFAULT_DATA_DIR = synthetic_jpegs.DEFAULT_DATA_DIR
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      lines = f.read().splitlines()
-  except OSError:
-    return platform.processor()
-  name = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), platform.processor())
-  flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
-  isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
-  return f"{name} ({isa})"
-
-
-def cpu_seconds() -> float:
-  """CPU time of this process and its children (grain's workers)."""
-  try:
-    import psutil  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return time.process_time()
-  me = psutil.Process()
-  total = sum(me.cpu_times()[:2])
-  for child in me.children(recursive=True):
-    try:
-      total += sum(child.cpu_times()[:2])
-    except psutil.Error:
-      pass
-  return total
-
-
-def timed_rounds(pipelines: dict, batch_size: int, seconds: float, repeats: int, settle: float = 2.0) -> dict:
-  """{name: (wall images/s, images per CPU-second, the rounds)}: medians over `repeats` rounds, pipelines taking
-  turns. Each round first pulls batches untimed for `settle` seconds: that empties the batches the pipeline
-  buffered while the others ran, and lets the others' background refills (prefetch buffers, grain workers)
-  finish, so the timed part measures this pipeline's steady state only."""
-  rounds = {name: [] for name in pipelines}
-  for _ in range(repeats):
-    for name, it in pipelines.items():
-      start = time.perf_counter()
-      while time.perf_counter() - start < settle:
-        next(it)
-      count, start, cpu = 0, time.perf_counter(), cpu_seconds()
-      while time.perf_counter() - start < seconds:
-        next(it)
-        count += batch_size
-      rounds[name].append((count / (time.perf_counter() - start), count / max(cpu_seconds() - cpu, 1e-9)))
-  return {name: (float(np.median([w for w, _ in r])), float(np.median([c for _, c in r])), r)
-          for name, r in rounds.items()}
 
 
 def base_config(args, data_dir, **overrides):
@@ -131,19 +83,11 @@ def tf_data_pipelines(args, data_dir) -> dict:
 
 
 def eval_stream(source, config):
-  """The job's eval transform over the split's JPEG bytes cached in memory, repeated and batched. Not
-  tf_pipeline.eval_dataset: with config.cache it keeps the transformed pixels after the first pass (the job
-  decodes each eval image once), and timing that would time the cache, not the transform."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  """The job's eval transform over the split's JPEG bytes (pipeline_timing.cached_eval_stream)."""
   from resnext_jax.datasets import sources, tf_pipeline  # pylint: disable=import-outside-toplevel
 
   transform = tf_pipeline.eval_transform(sources.transform_style(config), config)
-  records = source.builder.as_dataset(split=source.eval_split, shuffle_files=False,
-                                      decoders={"image": tfds.decode.SkipDecoding()}).cache().repeat()
-  images = records.map(tf.autograph.experimental.do_not_convert(lambda ex: transform(ex["image"])),
-                       num_parallel_calls=tf.data.AUTOTUNE)
-  return images.batch(config.eval_batch_size).prefetch(tf.data.AUTOTUNE)
+  return cached_eval_stream(source, transform, config.eval_batch_size)
 
 
 def pil_train_transform(size: int):

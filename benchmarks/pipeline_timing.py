@@ -1,0 +1,72 @@
+"""Timing input pipelines per CPU-second, shared by input_pipeline_benchmark.py and input_pipeline_vs_revision.py.
+
+Nothing here imports resnext_jax, so a process timing an older revision of the package (put first on sys.path)
+can use it too. TensorFlow is imported only where a tf.data pipeline is built.
+"""
+
+import platform
+import time
+
+import numpy as np
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return platform.processor()
+  name = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), platform.processor())
+  flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
+  isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
+  return f"{name} ({isa})"
+
+
+def cpu_seconds() -> float:
+  """CPU time of this process and its children (grain's workers)."""
+  try:
+    import psutil  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return time.process_time()
+  me = psutil.Process()
+  total = sum(me.cpu_times()[:2])
+  for child in me.children(recursive=True):
+    try:
+      total += sum(child.cpu_times()[:2])
+    except psutil.Error:
+      pass
+  return total
+
+
+def timed_rounds(pipelines: dict, batch_size: int, seconds: float, repeats: int, settle: float = 2.0) -> dict:
+  """{name: (wall images/s, images per CPU-second, the rounds)}: medians over `repeats` rounds, pipelines taking
+  turns. Each round first pulls batches untimed for `settle` seconds: that empties the batches the pipeline
+  buffered while the others ran, and lets the others' background refills (prefetch buffers, grain workers)
+  finish, so the timed part measures this pipeline's steady state only."""
+  rounds = {name: [] for name in pipelines}
+  for _ in range(repeats):
+    for name, it in pipelines.items():
+      start = time.perf_counter()
+      while time.perf_counter() - start < settle:
+        next(it)
+      count, start, cpu = 0, time.perf_counter(), cpu_seconds()
+      while time.perf_counter() - start < seconds:
+        next(it)
+        count += batch_size
+      rounds[name].append((count / (time.perf_counter() - start), count / max(cpu_seconds() - cpu, 1e-9)))
+  return {name: (float(np.median([w for w, _ in r])), float(np.median([c for _, c in r])), r)
+          for name, r in rounds.items()}
+
+
+def cached_eval_stream(source, transform, batch_size: int):
+  """`transform` (encoded bytes -> pixels) over source's eval split, its JPEG bytes cached in memory, repeated and
+  batched. Not the job's eval_dataset: with config.cache it keeps the transformed pixels after the first pass (the
+  job decodes each eval image once), and timing that would time the cache, not the transform."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  records = source.builder.as_dataset(split=source.eval_split, shuffle_files=False,
+                                      decoders={"image": tfds.decode.SkipDecoding()}).cache().repeat()
+  images = records.map(tf.autograph.experimental.do_not_convert(lambda ex: transform(ex["image"])),
+                       num_parallel_calls=tf.data.AUTOTUNE)
+  return images.batch(batch_size).prefetch(tf.data.AUTOTUNE)
