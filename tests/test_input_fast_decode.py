@@ -655,3 +655,25 @@ def test_input_pipeline_benchmark_smoke(tmp_path):
     assert key in result
   assert result["jpegs"]["num_files"] == 8
 
+
+# The code issue 14 was filed against, whose pipeline was still input_pipeline.train_dataset: slow, because a
+# shallow clone (CI's may be one) lacks it; HEAD exercises the same script in every clone.
+@pytest.mark.parametrize("revision", ["HEAD", pytest.param("aaadfbc", marks=pytest.mark.slow)])
+def test_input_pipeline_vs_revision_smoke(tmp_path, revision):
+  """benchmarks/input_pipeline_vs_revision.py times a revision in a worktree of its own against this checkout,
+  and removes the worktree afterwards."""
+  git = lambda *args: subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, check=True).stdout
+  worktrees = git("worktree", "list")
+  result = subprocess.run([sys.executable, "benchmarks/input_pipeline_vs_revision.py", f"--revision={revision}",
+                           "--processes=1", "--num_images=8", "--batch_size=4", "--image_size=32", "--seconds=0.2",
+                           "--repeats=1", "--settle=0.1", f"--data_dir={tmp_path}"],
+                          env=process_env(1), cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  figures = last_json(result.stdout)
+  assert figures["revision"] == git("rev-parse", "--short", revision).strip(), figures
+  assert figures["jpegs"]["num_files"] == 8, figures
+  for name in ("train", "eval"):
+    (old, new), = figures[f"{name}_runs"]
+    assert old > 0 and new > 0 and abs(figures[f"{name}_speedup_vs_revision"] - new / old) < 0.01, figures
+  assert git("worktree", "list") == worktrees
+
