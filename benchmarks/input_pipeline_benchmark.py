@@ -38,7 +38,7 @@ if REPO not in sys.path:
 
 from resnext_jax.datasets import synthetic_jpegs  # pylint: disable=wrong-import-position
 
-from pipeline_timing import cached_eval_stream, cpu_model, timed_rounds  # pylint: disable=wrong-import-position
+from pipeline_timing import add_timing_flags, cached_eval_stream, cpu_model, timed_rounds  # pylint: disable=wrong-import-position
 
 DEFAULT_DATA_DIR = synthetic_jpegs.DEFAULT_DATA_DIR
 
@@ -144,13 +144,8 @@ class _RandomMap:  # a picklable callable for grain's workers
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--num_images", type=int, default=512)
-  parser.add_argument("--image_size", type=int, default=224)
-  parser.add_argument("--batch_size", type=int, default=32)
+  add_timing_flags(parser)
   parser.add_argument("--threads", type=int, default=1, help="tf.data threads / grain workers (figures per thread)")
-  parser.add_argument("--seconds", type=float, default=8.0, help="length of one timed round")
-  parser.add_argument("--repeats", type=int, default=3, help="timed rounds per pipeline (the median is reported)")
-  parser.add_argument("--settle", type=float, default=2.0, help="untimed seconds at the start of each round")
   parser.add_argument("--legacy", action="store_true", help="also time the previous transforms (legacy_transforms)")
   parser.add_argument("--grain", action="store_true", help="also time grain + PIL (pip install grain)")
   parser.add_argument("--antialias", action="store_true", help="config.antialias: PIL's triangle filter")

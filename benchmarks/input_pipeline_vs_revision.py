@@ -25,7 +25,7 @@ import tempfile
 
 import numpy as np
 
-from pipeline_timing import cached_eval_stream, cpu_model, timed_rounds
+from pipeline_timing import add_timing_flags, cached_eval_stream, cpu_model, timed_rounds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STREAMS = ("train", "eval")
@@ -110,12 +110,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--revision", default="HEAD", help="the git revision to time against")
   parser.add_argument("--processes", type=int, default=4, help="processes per side, taking turns")
-  parser.add_argument("--num_images", type=int, default=512)
-  parser.add_argument("--image_size", type=int, default=224)
-  parser.add_argument("--batch_size", type=int, default=32)
-  parser.add_argument("--seconds", type=float, default=8.0, help="length of one timed round")
-  parser.add_argument("--repeats", type=int, default=3, help="timed rounds per stream and process (median)")
-  parser.add_argument("--settle", type=float, default=2.0, help="untimed seconds at the start of each round")
+  add_timing_flags(parser)
   parser.add_argument("--data_dir", help="where the generated JPEG folder is kept (reused when it matches); "
                       "default: input_pipeline_benchmark.py's")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -10,6 +10,16 @@ import time
 import numpy as np
 
 
+def add_timing_flags(parser) -> None:
+  """The flags of the generated JPEG set and of timed_rounds, the same in every input benchmark."""
+  parser.add_argument("--num_images", type=int, default=512)
+  parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--seconds", type=float, default=8.0, help="length of one timed round")
+  parser.add_argument("--repeats", type=int, default=3, help="timed rounds per pipeline (the median is reported)")
+  parser.add_argument("--settle", type=float, default=2.0, help="untimed seconds at the start of each round")
+
+
 def cpu_model() -> str:
   try:
     with open("/proc/cpuinfo") as f:
