@@ -38,7 +38,8 @@ if REPO not in sys.path:
 
 from resnext_jax.datasets import synthetic_jpegs  # pylint: disable=wrong-import-position
 
-from pipeline_timing import add_timing_flags, cached_eval_stream, cpu_model, timed_rounds  # pylint: disable=wrong-import-position
+from pipeline_timing import (  # pylint: disable=wrong-import-position
+    add_timing_flags, cached_eval_stream, cpu_model, timed_rounds)
 
 DEFAULT_DATA_DIR = synthetic_jpegs.DEFAULT_DATA_DIR
 

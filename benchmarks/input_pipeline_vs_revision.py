@@ -45,7 +45,10 @@ def child(args) -> None:
     eval_transform = pipeline.eval_transform
   except ImportError:
     from resnext_jax import input_pipeline as pipeline  # pylint: disable=import-outside-toplevel
-    eval_transform = pipeline._eval_transform  # pylint: disable=protected-access
+    eval_transform = getattr(pipeline, "_eval_transform", None)
+    if eval_transform is None or not hasattr(pipeline, "train_dataset"):
+      sys.exit(f"{args.tree} has neither datasets/tf_pipeline.py nor input_pipeline.train_dataset and "
+               "_eval_transform: a pipeline layout this script does not know")
 
   tf.config.set_visible_devices([], "GPU")
   config = ml_collections.ConfigDict(dict(
@@ -76,20 +79,25 @@ def run_child(args, tree: str, data_dir: str) -> dict:
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")])))
   done = subprocess.run(command, env=env, cwd=tree, capture_output=True, text=True, check=False)
   if done.returncode:
-    raise RuntimeError(f"timing {tree} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    sys.exit(f"timing the pipeline of {tree} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def git(*args) -> str:
+  done = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, check=False)
+  if done.returncode:
+    sys.exit(f"git {' '.join(args)} failed in {REPO}: {done.stderr.strip()}")
+  return done.stdout.strip()
+
+
 def compare(args) -> dict:
+  revision = git("rev-parse", "--short", "--verify", f"{args.revision}^{{commit}}")
   from resnext_jax.datasets import synthetic_jpegs  # pylint: disable=import-outside-toplevel
-  revision = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", args.revision], capture_output=True,
-                            text=True, check=True).stdout.strip()
   data_dir = os.path.join(args.data_dir or synthetic_jpegs.DEFAULT_DATA_DIR, f"n{args.num_images}")
   stats = synthetic_jpegs.write_image_folder(data_dir, args.num_images)
   with tempfile.TemporaryDirectory() as tmp:
     tree, copy = os.path.join(tmp, "tree"), os.path.join(tmp, "jpegs")
-    subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", tree, revision], capture_output=True,
-                   check=True)
+    git("worktree", "add", "--detach", tree, revision)
     try:
       shutil.copytree(os.path.join(data_dir, "train"), os.path.join(copy, "train"))
       pairs = [(run_child(args, tree, copy), run_child(args, REPO, data_dir)) for _ in range(args.processes)]

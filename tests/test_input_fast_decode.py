@@ -677,3 +677,9 @@ def test_input_pipeline_vs_revision_smoke(tmp_path, revision):
     assert old > 0 and new > 0 and abs(figures[f"{name}_speedup_vs_revision"] - new / old) < 0.01, figures
   assert git("worktree", "list") == worktrees
 
+
+def test_input_pipeline_vs_revision_names_a_bad_revision():
+  result = subprocess.run([sys.executable, "benchmarks/input_pipeline_vs_revision.py", "--revision=no-such-rev"],
+                          env=process_env(1), cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0 and "no-such-rev" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
