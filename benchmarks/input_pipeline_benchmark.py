@@ -29,7 +29,6 @@ import json
 import os
 import sys
 
-import ml_collections
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,19 +38,9 @@ if REPO not in sys.path:
 from resnext_jax.datasets import synthetic_jpegs  # pylint: disable=wrong-import-position
 
 from pipeline_timing import (  # pylint: disable=wrong-import-position
-    add_timing_flags, cached_eval_stream, cpu_model, timed_rounds)
+    add_timing_flags, cached_eval_stream, cpu_model, pipeline_config, timed_rounds)
 
 DEFAULT_DATA_DIR = synthetic_jpegs.DEFAULT_DATA_DIR
-
-
-def base_config(args, data_dir, **overrides):
-  config = ml_collections.ConfigDict(dict(
-      dataset="imagefolder", data_dir=data_dir, train_split="train", eval_split="train", image_size=args.image_size,
-      crop_ratio=0.875, augment="auto", shuffle_buffer_size=max(1024, args.num_images), cache=True,
-      strict_decode=False, seed=0, batch_size=args.batch_size, eval_batch_size=args.batch_size,
-      input_transform="fast", antialias=args.antialias, pre_resize=args.pre_resize))
-  config.update(overrides)
-  return config
 
 
 def tf_data_pipelines(args, data_dir) -> dict:
@@ -66,7 +55,8 @@ def tf_data_pipelines(args, data_dir) -> dict:
   kinds = ["fast"] + (["legacy"] if args.legacy else [])
   pipelines = {}
   for kind in kinds:  # the legacy pipeline reads the original images, as it did
-    config = base_config(args, data_dir, input_transform=kind, pre_resize=args.pre_resize if kind == "fast" else 0)
+    config = pipeline_config(args, data_dir, input_transform=kind, antialias=args.antialias,
+                             pre_resize=args.pre_resize if kind == "fast" else 0)
     source = sources.get_source(config)  # cache=True: the timed loops read the JPEG bytes from memory
     train = tf_pipeline.train_dataset(source, config, start_step=0, process_index=0, process_count=1)
     evals = eval_stream(source, config)

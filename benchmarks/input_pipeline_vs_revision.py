@@ -25,7 +25,7 @@ import tempfile
 
 import numpy as np
 
-from pipeline_timing import add_timing_flags, cached_eval_stream, cpu_model, timed_rounds
+from pipeline_timing import add_timing_flags, cached_eval_stream, cpu_model, pipeline_config, timed_rounds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STREAMS = ("train", "eval")
@@ -37,7 +37,6 @@ def child(args) -> None:
   import resnext_jax  # pylint: disable=import-outside-toplevel
   if not os.path.abspath(resnext_jax.__file__).startswith(os.path.abspath(args.tree) + os.sep):
     raise RuntimeError(f"imported {resnext_jax.__file__}, not the package in {args.tree}")
-  import ml_collections  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from resnext_jax.datasets import sources  # pylint: disable=import-outside-toplevel
   try:  # since cd24ab6
@@ -51,11 +50,7 @@ def child(args) -> None:
                "_eval_transform: a pipeline layout this script does not know")
 
   tf.config.set_visible_devices([], "GPU")
-  config = ml_collections.ConfigDict(dict(
-      dataset="imagefolder", data_dir=args.data_dir, train_split="train", eval_split="train",
-      image_size=args.image_size, crop_ratio=0.875, augment="auto", shuffle_buffer_size=max(1024, args.num_images),
-      cache=True, strict_decode=False, seed=0, batch_size=args.batch_size, eval_batch_size=args.batch_size,
-      input_transform="fast", antialias=False, pre_resize=0))
+  config = pipeline_config(args, args.data_dir)
   source = sources.get_source(config)
   train = pipeline.train_dataset(source, config, start_step=0, process_index=0, process_count=1)
   evals = cached_eval_stream(source, eval_transform(sources.transform_style(config), config), args.batch_size)

@@ -7,6 +7,7 @@ can use it too. TensorFlow is imported only where a tf.data pipeline is built.
 import platform
 import time
 
+import ml_collections
 import numpy as np
 
 
@@ -18,6 +19,19 @@ def add_timing_flags(parser) -> None:
   parser.add_argument("--seconds", type=float, default=8.0, help="length of one timed round")
   parser.add_argument("--repeats", type=int, default=3, help="timed rounds per pipeline (the median is reported)")
   parser.add_argument("--settle", type=float, default=2.0, help="untimed seconds at the start of each round")
+
+
+def pipeline_config(args, data_dir: str, **overrides) -> ml_collections.ConfigDict:
+  """The config the input benchmarks build the job's pipelines from: the image folder at data_dir read as the job
+  reads ImageNet (Inception crops, 0.875 center-crop eval), its records cached in memory, with add_timing_flags'
+  sizes; the fast transforms, without antialias, on the original images, unless `overrides` say otherwise."""
+  config = ml_collections.ConfigDict(dict(
+      dataset="imagefolder", data_dir=data_dir, train_split="train", eval_split="train", image_size=args.image_size,
+      crop_ratio=0.875, augment="auto", shuffle_buffer_size=max(1024, args.num_images), cache=True,
+      strict_decode=False, seed=0, batch_size=args.batch_size, eval_batch_size=args.batch_size,
+      input_transform="fast", antialias=False, pre_resize=0))
+  config.update(overrides)
+  return config
 
 
 def cpu_model() -> str:
