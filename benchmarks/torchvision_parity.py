@@ -12,26 +12,37 @@ transforms; and the default and antialiased ones against the legacy ones. Needs 
 import argparse
 import io
 import json
+import math
 import os
 import sys
 
-# torchvision before TensorFlow: imported after it, torch crashes in this process.
+# torchvision before TensorFlow: imported after it, torch crashes in this process. TensorFlow is imported only by
+# main, so that a process without it can use torchvision_eval (tests/test_input_fast_decode.py does).
 import torchvision.transforms as T  # pylint: disable=g-bad-import-order
 
 import numpy as np
 from PIL import Image
-import tensorflow as tf
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from resnext_jax.datasets import legacy_transforms, synthetic_jpegs, transforms  # pylint: disable=wrong-import-position
-
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _RAW = dict(mean=(0.0,) * 3, std=(1 / 255,) * 3)  # the legacy transforms' normalisation, undone
 
 
+def torchvision_eval(data: bytes, size: int, crop_ratio: float | None) -> np.ndarray:
+  """torchvision's eval transform on the PIL image, uint8 (size, size, 3): Resize(floor(size / crop_ratio)), then
+  CenterCrop(size) (timm's crop_pct rule; 256 and 224 at 0.875, torchvision's reference), or Resize((size, size))
+  where crop_ratio is None."""
+  if crop_ratio is None:
+    transform = T.Resize((size, size))
+  else:
+    transform = T.Compose([T.Resize(math.floor(size / crop_ratio + 1e-6)), T.CenterCrop(size)])
+  return np.asarray(transform(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
 def eval_pixels(data: bytes, size: int, crop_ratio: float) -> dict:
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from resnext_jax.datasets import legacy_transforms, transforms  # pylint: disable=import-outside-toplevel
   encoded = tf.constant(data)
-  resize = T.Compose([T.Resize(int(np.floor(size / crop_ratio + 1e-6))), T.CenterCrop(size)])
-  return {"torchvision": np.asarray(resize(Image.open(io.BytesIO(data)).convert("RGB"))),
+  return {"torchvision": torchvision_eval(data, size, crop_ratio),
           "default": transforms.eval_pixels(encoded, size=size, crop_ratio=crop_ratio).numpy(),
           "antialias": transforms.eval_pixels(encoded, size=size, crop_ratio=crop_ratio, antialias=True).numpy(),
           "legacy": legacy_transforms.eval_image(encoded, size=size, crop_ratio=crop_ratio, **_RAW).numpy()}
@@ -43,6 +54,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--crop_ratio", type=float, default=0.875)
   args = parser.parse_args(argv)
+  sys.path.insert(0, REPO)
+  from resnext_jax.datasets import synthetic_jpegs  # pylint: disable=import-outside-toplevel
   pairs = [("default", "torchvision"), ("antialias", "torchvision"), ("legacy", "torchvision"),
            ("default", "legacy"), ("antialias", "legacy")]
   diffs = {f"{a}_vs_{b}": [] for a, b in pairs}

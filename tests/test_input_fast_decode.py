@@ -140,18 +140,14 @@ def _decoded_as_pil_does(encoded) -> tf.Tensor:
 
 
 _TORCHVISION_EVAL = """
-import sys, io
+import sys
 import numpy as np
-from PIL import Image
-import torchvision.transforms as T
-files, size = np.load(sys.argv[1], allow_pickle=True), int(sys.argv[2])
-out = {}
-for ratio in sys.argv[3:]:
-  if ratio == "None":
-    transform = T.Resize((size, size))
-  else:  # timm's crop_pct rule for the resize; 256 for 224 at 0.875, torchvision's reference
-    transform = T.Compose([T.Resize(int(np.floor(size / float(ratio) + 1e-6))), T.CenterCrop(size)])
-  out[ratio] = np.stack([np.asarray(transform(Image.open(io.BytesIO(f)).convert("RGB"))) for f in files["files"]])
+sys.path.insert(0, "benchmarks")
+from torchvision_parity import torchvision_eval
+assert "tensorflow" not in sys.modules
+files, size = np.load(sys.argv[1], allow_pickle=True)["files"], int(sys.argv[2])
+out = {ratio: np.stack([torchvision_eval(f, size, None if ratio == "None" else float(ratio)) for f in files])
+       for ratio in sys.argv[3:]}
 np.savez(sys.argv[1] + ".out.npz", **out)
 """
 
